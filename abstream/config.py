@@ -1,0 +1,129 @@
+"""Every setting of abstream, its environment variable and its default, in one place.
+
+The same code runs against the embedded stack (tansu + chDB endpoint) and against a
+production Kafka and ClickHouse server: only these variables change. ``abstream config``
+prints the effective values; the README's configuration table is generated from ``SETTINGS``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _setting(env: str, default: Any, doc: str) -> Any:
+    return field(default=default, metadata={"env": env, "doc": doc})
+
+
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"not a boolean: {raw!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Effective configuration. Build with ``Settings.from_env()``; never read os.environ elsewhere."""
+
+    kafka_bootstrap_servers: str = _setting(
+        "KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092", "Kafka bootstrap servers (host:port[,host:port])."
+    )
+    kafka_enable_idempotence: bool = _setting(
+        "KAFKA_ENABLE_IDEMPOTENCE",
+        False,
+        "Idempotent producer. On for Apache Kafka (docker-compose); must stay off on tansu.",
+    )
+    kafka_topic_prefix: str = _setting(
+        "ABSTREAM_TOPIC_PREFIX", "", "Prefix for every topic name (isolates tests and tenants)."
+    )
+    kafka_partitions: int = _setting("ABSTREAM_KAFKA_PARTITIONS", 4, "Partitions of topics abstream creates.")
+    kafka_replication_factor: int = _setting(
+        "ABSTREAM_KAFKA_REPLICATION", 1, "Replication factor of topics abstream creates."
+    )
+    kafka_produce_timeout_s: float = _setting(
+        "ABSTREAM_PRODUCE_TIMEOUT_S",
+        5.0,
+        "How long the gateway waits for Kafka to acknowledge before answering 503.",
+    )
+    clickhouse_url: str = _setting(
+        "CLICKHOUSE_URL",
+        "http://default:@127.0.0.1:8123",
+        "ClickHouse HTTP endpoint (user:password@host:port). Production: a ClickHouse server.",
+    )
+    clickhouse_database: str = _setting("CLICKHOUSE_DATABASE", "abstream", "Database holding abstream tables.")
+    gateway_host: str = _setting("ABSTREAM_GATEWAY_HOST", "127.0.0.1", "Interface the gateway binds.")
+    gateway_port: int = _setting("ABSTREAM_GATEWAY_PORT", 20000, "Gateway HTTP port (the ArkForge seed's).")
+    broker_port: int = _setting("ABSTREAM_BROKER_PORT", 9092, "Port of the embedded tansu broker.")
+    clickhouse_port: int = _setting("ABSTREAM_CLICKHOUSE_PORT", 8123, "Port of the embedded ClickHouse endpoint.")
+    worker_web_port: int = _setting(
+        "ABSTREAM_WORKER_WEB_PORT", 6066, "Faust worker web port (health); each extra worker takes the next."
+    )
+    data_dir: str = _setting(
+        "ABSTREAM_DATA_DIR", str(REPO_ROOT / ".abstream-data"), "Data directory of the embedded stack."
+    )
+    manifest_path: str = _setting(
+        "ABSTREAM_MANIFEST", str(REPO_ROOT / "tests.json"), "Experiment manifest loaded into the registry."
+    )
+    migrations_dir: str = _setting(
+        "ABSTREAM_MIGRATIONS_DIR", str(REPO_ROOT / "clickhouse"), "Ordered SQL migrations."
+    )
+    admin_token: str = _setting(
+        "ABSTREAM_ADMIN_TOKEN",
+        "",
+        "Bearer token for creating/changing experiments and reading metrics. Empty: no check.",
+    )
+    log_level: str = _setting("ABSTREAM_LOG_LEVEL", "INFO", "Log level of every abstream process.")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read every setting from the environment; ``overrides`` (e.g. CLI flags) win."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f.metadata["env"])
+            if raw is None:
+                continue
+            try:
+                if f.type in ("bool", bool):
+                    values[f.name] = _parse_bool(raw)
+                elif f.type in ("int", int):
+                    values[f.name] = int(raw)
+                elif f.type in ("float", float):
+                    values[f.name] = float(raw)
+                else:
+                    values[f.name] = raw
+            except ValueError as exc:
+                raise ValueError(f"{f.metadata['env']}: {exc}") from exc
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def topic(self, name: str) -> str:
+        """Full topic name for one of abstream's logical topics."""
+        return f"{self.kafka_topic_prefix}{name}"
+
+    def as_env(self) -> dict[str, str]:
+        """The settings as environment variables, for child processes."""
+        out: dict[str, str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.metadata["env"]] = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        return out
+
+
+# Logical topic names; use Settings.topic() to get the physical name.
+TOPIC_EVENTS = "events"
+TOPIC_ASSIGNMENTS = "assignments"
+TOPIC_EXPERIMENTS = "experiments"
+TOPIC_REJECTED = "events.rejected"
+
+
+def settings_table() -> list[tuple[str, str, str]]:
+    """(variable, default, meaning) rows for docs and ``abstream config``."""
+    return [(f.metadata["env"], str(f.default), f.metadata["doc"]) for f in fields(Settings)]
