@@ -79,6 +79,35 @@ class Settings:
         "",
         "Bearer token for creating/changing experiments and reading metrics. Empty: no check.",
     )
+    # --- ingestion limits (validation is declared in schemas/, the numbers live here) ---
+    max_body_bytes: int = _setting(
+        "ABSTREAM_MAX_BODY_BYTES", 1_048_576, "Largest request body as sent (compressed or not): else 413."
+    )
+    max_decompressed_bytes: int = _setting(
+        "ABSTREAM_MAX_DECOMPRESSED_BYTES", 8_388_608, "Largest request body after gzip decompression: else 413."
+    )
+    max_compression_ratio: int = _setting(
+        "ABSTREAM_MAX_COMPRESSION_RATIO", 100, "Decompressed/compressed size cap against gzip bombs: else 413."
+    )
+    max_events_per_batch: int = _setting(
+        "ABSTREAM_MAX_EVENTS_PER_BATCH", 1000, "Most events in one request: else 413."
+    )
+    max_future_skew_s: int = _setting(
+        "ABSTREAM_MAX_FUTURE_SKEW_S", 300, "How far occurred_at may lie in the future (seed rule: 5 minutes)."
+    )
+    max_event_age_s: int = _setting(
+        "ABSTREAM_MAX_EVENT_AGE_S", 30 * 86400, "How far occurred_at may lie in the past (horizon)."
+    )
+    max_properties_bytes: int = _setting(
+        "ABSTREAM_MAX_PROPERTIES_BYTES", 16_384, "Largest serialised properties/context object of one event."
+    )
+    max_json_depth: int = _setting("ABSTREAM_MAX_JSON_DEPTH", 8, "Deepest nesting of properties/context.")
+    max_id_length: int = _setting(
+        "ABSTREAM_MAX_ID_LENGTH", 128, "Longest user/session/install/event id accepted."
+    )
+    dedup_cache_size: int = _setting(
+        "ABSTREAM_DEDUP_CACHE_SIZE", 200_000, "event_ids each gateway process remembers to flag retries."
+    )
     log_level: str = _setting("ABSTREAM_LOG_LEVEL", "INFO", "Log level of every abstream process.")
 
     @classmethod

@@ -1,0 +1,48 @@
+"""The one error shape every endpoint of both API surfaces answers with.
+
+``{"error": {"code": "...", "message": "...", "details": [{"field": "...", "code": "...", "message": "..."}]}}``
+``code`` is machine-readable and stable; ``message`` is for people; ``details`` names each bad field
+(dotted path, list indexes as numbers, e.g. ``events.3.occurred_at``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class FieldError(BaseModel):
+    field: str
+    code: str
+    message: str
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+    details: list[FieldError] = []
+
+
+class ErrorResponse(BaseModel):
+    """Body of every 4xx/5xx answer."""
+
+    error: ErrorInfo
+
+
+@dataclass
+class ApiError(Exception):
+    """Raised anywhere below a route; the gateway turns it into ``ErrorResponse`` with ``status``."""
+
+    status: int
+    code: str
+    message: str
+    details: list[dict[str, str]] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.code}: {self.message}"
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, "details": self.details}}
