@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 
 class FieldError(BaseModel):
@@ -46,3 +46,17 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"code": self.code, "message": self.message, "details": self.details}}
+
+
+def field_path(loc: tuple[int | str, ...]) -> str:
+    """``("events", 3, "occurred_at")`` -> ``"events.3.occurred_at"``; the body itself is ``"body"``."""
+    return ".".join(str(part) for part in loc) or "body"
+
+
+def validation_failed(exc: ValidationError, message: str = "request validation failed") -> ApiError:
+    """Turn a pydantic ValidationError into a 400 naming every bad field with a machine-readable code."""
+    details = [
+        {"field": field_path(err["loc"]), "code": err["type"], "message": err["msg"]}
+        for err in exc.errors(include_url=False, include_input=False)
+    ]
+    return ApiError(400, "validation_failed", message, details)
