@@ -1,0 +1,147 @@
+"""`abstream`: every command in one place. Settings come from the environment (abstream.config); flags win."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from abstream.config import Settings, settings_table
+from abstream.devstack.ports import PortBusyError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
+    return Settings.from_env(**overrides)
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from abstream.devstack import broker
+
+    settings = _settings(args, broker_port=args.port)
+    return broker.run(args.host, settings.broker_port)
+
+
+def cmd_clickhouse_local(args: argparse.Namespace) -> int:
+    from abstream.devstack import clickhouse_local
+
+    settings = _settings(args, clickhouse_port=args.port)
+    path = args.path or f"{settings.data_dir}/clickhouse"
+    clickhouse_local.serve(args.host, settings.clickhouse_port, path)
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from abstream.migrate import MigrationError, migrate
+
+    try:
+        applied = migrate(_settings(args))
+    except MigrationError as exc:
+        print(f"abstream migrate: {exc}", file=sys.stderr)
+        return 1
+    print(f"{len(applied)} migration(s) applied" if applied else "schema up to date")
+    return 0
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from gateway.app import run
+
+    run(_settings(args, gateway_port=args.port, gateway_host=args.host))
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from stream_workers.app import run
+
+    run(_settings(args), web_port=args.web_port)
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from abstream.devstack.supervisor import run_dev
+
+    settings = _settings(
+        args,
+        broker_port=args.broker_port,
+        clickhouse_port=args.clickhouse_port,
+        gateway_port=args.gateway_port,
+        worker_web_port=args.worker_web_port,
+        data_dir=args.data_dir,
+    )
+    return run_dev(settings, workers=args.workers)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    current = Settings.from_env().as_env()
+    for env, default, doc in settings_table():
+        print(f"{env}={current[env]}    # {doc} (default: {default})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="abstream", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = add("broker", cmd_broker, "Run the embedded Kafka-compatible broker (tansu, in memory; development only).")
+    p.add_argument("--port", type=int, help="listen port (default: ABSTREAM_BROKER_PORT or 9092)")
+    p.add_argument("--host", default="127.0.0.1")
+
+    p = add(
+        "clickhouse-local",
+        cmd_clickhouse_local,
+        "Serve the ClickHouse HTTP protocol over chDB. A development and test component: "
+        "production points CLICKHOUSE_URL at a ClickHouse server.",
+    )
+    p.add_argument("--port", type=int, help="listen port (default: ABSTREAM_CLICKHOUSE_PORT or 8123)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--path", help="chDB data directory (default: $ABSTREAM_DATA_DIR/clickhouse)")
+
+    add("migrate", cmd_migrate, "Apply the ordered SQL migrations in clickhouse/ (each once).")
+
+    p = add("gateway", cmd_gateway, "Run the Starlette gateway (both API surfaces).")
+    p.add_argument("--port", type=int, help="listen port (default: ABSTREAM_GATEWAY_PORT or 20000)")
+    p.add_argument("--host", help="bind address (default: ABSTREAM_GATEWAY_HOST or 127.0.0.1)")
+
+    p = add("worker", cmd_worker, "Run one Faust stream worker.")
+    p.add_argument("--web-port", type=int, help="health/web port (default: ABSTREAM_WORKER_WEB_PORT or 6066)")
+
+    p = add(
+        "dev",
+        cmd_dev,
+        "Run the whole pipeline on the embedded stack: broker, ClickHouse endpoint, migrations, worker(s), gateway.",
+    )
+    p.add_argument("--broker-port", type=int, help="default: ABSTREAM_BROKER_PORT or 9092")
+    p.add_argument("--clickhouse-port", type=int, help="default: ABSTREAM_CLICKHOUSE_PORT or 8123")
+    p.add_argument("--gateway-port", type=int, help="default: ABSTREAM_GATEWAY_PORT or 20000")
+    p.add_argument("--worker-web-port", type=int, help="default: ABSTREAM_WORKER_WEB_PORT or 6066")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--data-dir", help="default: ABSTREAM_DATA_DIR or ./.abstream-data")
+
+    add("config", cmd_config, "Print every setting, its environment variable, value and default.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=Settings.from_env().log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.handler(args) or 0)
+    except PortBusyError as exc:
+        print(f"abstream {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""How every abstream process reaches ClickHouse: plain clickhouse-connect over HTTP, from CLICKHOUSE_URL."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import clickhouse_connect
+from clickhouse_connect.driver.asyncclient import AsyncClient
+from clickhouse_connect.driver.client import Client
+
+from abstream.config import Settings
+
+_DEFAULT = object()
+
+
+def connect_args(settings: Settings, database: Any = _DEFAULT, **extra: Any) -> dict[str, Any]:
+    """clickhouse-connect arguments for CLICKHOUSE_URL; ``database=None`` connects without one."""
+    url = urlsplit(settings.clickhouse_url)
+    args: dict[str, Any] = {
+        "host": url.hostname or "127.0.0.1",
+        "port": url.port or (8443 if url.scheme == "https" else 8123),
+        "username": unquote(url.username or "default"),
+        "password": unquote(url.password or ""),
+        "secure": url.scheme == "https",
+        "compress": "lz4",
+        "connect_timeout": 5,
+        "send_receive_timeout": 60,
+        "autogenerate_session_id": False,
+    }
+    db = settings.clickhouse_database if database is _DEFAULT else database
+    if db:
+        args["database"] = db
+    args.update(extra)
+    return args
+
+
+def client(settings: Settings, **extra: Any) -> Client:
+    return clickhouse_connect.get_client(**connect_args(settings, **extra))
+
+
+async def async_client(settings: Settings, **extra: Any) -> AsyncClient:
+    return await clickhouse_connect.get_async_client(**connect_args(settings, **extra))

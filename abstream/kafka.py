@@ -1,0 +1,77 @@
+"""Kafka plumbing shared by the gateway, the workers and the tools: topic layout and client settings.
+
+``events`` and ``assignments`` have the same partition count and are both keyed by user id, so a
+user's events and assignments land on the same partition number (the workers' enrichment relies on
+that co-partitioning). ``experiments`` is a single-partition compacted topic: the registry log.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from abstream.config import TOPIC_ASSIGNMENTS, TOPIC_EVENTS, TOPIC_EXPERIMENTS, TOPIC_REJECTED, Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    config: dict[str, str]
+
+
+def topic_specs(settings: Settings) -> list[TopicSpec]:
+    """Every topic abstream uses, with its physical (prefixed) name."""
+    n = settings.kafka_partitions
+    return [
+        TopicSpec(settings.topic(TOPIC_EVENTS), n, {}),
+        TopicSpec(settings.topic(TOPIC_ASSIGNMENTS), n, {}),
+        TopicSpec(settings.topic(TOPIC_REJECTED), n, {}),
+        TopicSpec(settings.topic(TOPIC_EXPERIMENTS), 1, {"cleanup.policy": "compact"}),
+    ]
+
+
+async def ensure_topics(settings: Settings) -> None:
+    """Create missing topics (idempotent; safe to call from every process at start)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [
+            NewTopic(
+                name=spec.name,
+                num_partitions=spec.partitions,
+                replication_factor=settings.kafka_replication_factor,
+                topic_configs=spec.config,
+            )
+            for spec in topic_specs(settings)
+            if spec.name not in existing
+        ]
+        if missing:
+            try:
+                await admin.create_topics(missing)
+            except TopicAlreadyExistsError:
+                pass  # another process won the race
+            log.info("created topics %s", [t.name for t in missing])
+    finally:
+        await admin.close()
+
+
+def producer_settings(settings: Settings) -> dict[str, Any]:
+    """aiokafka producer arguments: acks=all always; idempotence where the broker supports it."""
+    return {
+        "bootstrap_servers": settings.kafka_bootstrap_servers,
+        "acks": "all",
+        "enable_idempotence": settings.kafka_enable_idempotence,
+        "compression_type": "lz4",
+        "linger_ms": 5,
+        "max_batch_size": 256 * 1024,
+        "max_request_size": 4 * 1024 * 1024,
+        "request_timeout_ms": int(settings.kafka_produce_timeout_s * 1000),
+    }
