@@ -47,10 +47,10 @@ def create_app(settings: Settings) -> faust.App:
 
 def run(settings: Settings, web_port: int | None = None) -> None:
     """`abstream worker`: one Faust worker process (several may run; they share the partitions)."""
-    from stream_workers import agents  # noqa: F401 - registers agents on the app
+    from stream_workers import agents
 
     port = web_port or settings.worker_web_port
     app = agents.build(settings)
-    worker = faust.Worker(app, loglevel=settings.log_level, web_port=port, web_host="127.0.0.1")
-    sys.argv = sys.argv[:1]
-    worker.execute_from_commandline()
+    sys.argv = [sys.argv[0], "worker", "--loglevel", settings.log_level.lower(), "--web-port", str(port),
+                "--web-host", "127.0.0.1"]
+    app.main()
