@@ -1,0 +1,46 @@
+-- The raw event log: one row per accepted event, enriched with the user's assignment context.
+--
+-- Design for the queries analysts and dashboards run:
+-- * PARTITION BY month of event_time: time-range queries prune whole months, retention drops partitions.
+-- * ORDER BY (event_name, event_date, user_id, event_time): nearly every query filters on an event name
+--   and a date range, then groups or counts distinct users; this order serves those from the primary
+--   index and keeps a user's events adjacent for funnels.
+-- * event_time is the skew-corrected time when the client sent `sent_at`, else occurred_at; the raw
+--   values stay beside it. Days are UTC.
+-- * Exactly once: the workers write each Kafka record at most once (they resume after the highest
+--   (kafka_partition, kafka_offset) stored here) and drop repeated event_ids, so a plain
+--   `SELECT count() FROM event_logs` is exact: no FINAL needed.
+CREATE TABLE IF NOT EXISTS event_logs
+(
+    event_id           String,
+    event_name         LowCardinality(String),
+    kind               LowCardinality(String),
+    user_id            String,
+    session_id         String,
+    install_id         String,
+    platform           LowCardinality(String),
+    app_version        LowCardinality(String),
+    surface            LowCardinality(String),
+    event_time         DateTime64(3, 'UTC'),
+    event_date         Date MATERIALIZED toDate(event_time),
+    occurred_at        DateTime64(3, 'UTC'),
+    occurred_at_raw    String,
+    received_at        DateTime64(3, 'UTC'),
+    sent_at            Nullable(DateTime64(3, 'UTC')),
+    corrected_at       Nullable(DateTime64(3, 'UTC')),
+    skew_ms            Nullable(Int64),
+    properties         String,
+    context            String,
+    experiment_id      Nullable(UInt32),
+    metric_name        String,
+    metric_value       Nullable(Float64),
+    assignment_version String,
+    assignments        String,
+    experiment_map     Map(String, String),
+    kafka_partition    UInt16,
+    kafka_offset       UInt64,
+    inserted_at        DateTime64(3, 'UTC') DEFAULT now64(3)
+)
+ENGINE = MergeTree
+PARTITION BY toYYYYMM(event_time)
+ORDER BY (event_name, event_date, user_id, event_time);
