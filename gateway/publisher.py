@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from aiokafka.structs import RecordMetadata
 
 from abstream.config import Settings
 from abstream.kafka import ensure_topics, producer_settings
@@ -62,7 +63,7 @@ class Publisher:
             log.info("connected to Kafka at %s", self.settings.kafka_bootstrap_servers)
             return
 
-    async def publish(self, messages: Sequence[Message]) -> None:
+    async def publish(self, messages: Sequence[Message], return_metadata: bool = False) -> list[RecordMetadata]:
         """Send every message and wait until Kafka acknowledged all of them, or raise KafkaUnavailable."""
         producer = self._producer
         if producer is None:
@@ -70,9 +71,10 @@ class Publisher:
         try:
             async with asyncio.timeout(self.settings.kafka_produce_timeout_s):
                 futures = [await producer.send(topic, value, key=key) for topic, key, value in messages]
-                await asyncio.gather(*futures)
+                metadata = await asyncio.gather(*futures)
         except (TimeoutError, KafkaError, OSError) as exc:
             raise KafkaUnavailable(f"Kafka did not acknowledge: {type(exc).__name__}: {exc}") from exc
+        return list(metadata) if return_metadata else []
 
     async def stop(self) -> None:
         if self._connect_task is not None:
