@@ -1,4 +1,4 @@
-"""The Starlette gateway: routes of both seed surfaces mounted over one core, and the lifespan.
+"""The Starlette gateway: both seed surfaces mounted over one core, health, OpenAPI, and the lifespan.
 
 Thin by design: validate, assign, publish to Kafka, answer. It never writes ClickHouse.
 """
@@ -8,16 +8,41 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from importlib.metadata import PackageNotFoundError, version
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from abstream.config import Settings
+from gateway import apiv1, v1
+from gateway.core import GatewayCore
+from gateway.endpoints import Endpoint
+from gateway.http import (
+    AccessLogMiddleware,
+    JSONResponse,
+    api_error_handler,
+    http_error_handler,
+    unhandled_error_handler,
+)
+from gateway.openapi import build_openapi
 from gateway.publisher import Publisher
+from gateway.registry import Registry
+from schemas.errors import ApiError
 
 log = logging.getLogger(__name__)
+
+ENDPOINTS: list[Endpoint] = [*v1.ENDPOINTS, *apiv1.ENDPOINTS]
+
+
+def _version() -> str:
+    try:
+        return version("abstream")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0.0.0"
 
 
 async def health_live(request: Request) -> Response:
@@ -26,11 +51,18 @@ async def health_live(request: Request) -> Response:
 
 
 async def health_ready(request: Request) -> Response:
-    """Ready to take traffic: Kafka connected."""
-    publisher: Publisher = request.app.state.publisher
-    checks = {"kafka": publisher.ready}
+    """Ready to take traffic: Kafka connected and the experiment registry loaded."""
+    core: GatewayCore = request.app.state.core
+    checks = {"kafka": core.publisher.ready, "registry": core.registry.ready}
     ok = all(checks.values())
-    return JSONResponse({"status": "ready" if ok else "not_ready", "checks": checks}, status_code=200 if ok else 503)
+    body: dict[str, object] = {"status": "ready" if ok else "not_ready", "checks": checks}
+    if core.registry.startup_error:
+        body["error"] = core.registry.startup_error
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(request.app.state.openapi)
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -39,19 +71,34 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         publisher = Publisher(settings)
-        app.state.settings = settings
-        app.state.publisher = publisher
+        registry = Registry(settings, publisher)
+        app.state.core = GatewayCore(settings, publisher, registry)
+        await registry.start()  # a malformed tests.json stops start-up here
         await publisher.start()
         try:
             yield
         finally:
+            await registry.stop()
             await publisher.stop()
 
-    routes = [
+    routes = [Route(ep.path, ep.handler, methods=[ep.method]) for ep in ENDPOINTS]
+    routes += [
         Route("/health/live", health_live, methods=["GET"]),
         Route("/health/ready", health_ready, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=[Middleware(AccessLogMiddleware)],
+        exception_handlers={
+            ApiError: api_error_handler,
+            HTTPException: http_error_handler,
+            Exception: unhandled_error_handler,
+        },
+    )
+    app.state.openapi = build_openapi(ENDPOINTS, _version())
+    return app
 
 
 def run(settings: Settings) -> None:

@@ -44,6 +44,9 @@ class Publisher:
         """Return at once; connect (and create topics) in the background, retrying with backoff."""
         self._connect_task = asyncio.create_task(self._connect_loop(), name="kafka-connect")
 
+    async def wait_ready(self) -> None:
+        await self._ready.wait()
+
     async def _connect_loop(self) -> None:
         delay = 0.2
         while True:

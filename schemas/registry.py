@@ -7,12 +7,13 @@ restores an empty topic from there.
 
 from __future__ import annotations
 
-from typing import Literal
+from datetime import datetime
+from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from schemas.experiments import Experiment
+from schemas.experiments import Experiment, Status, Targeting
 
 
 class RegistryRecord(BaseModel):
@@ -37,3 +38,72 @@ class RegistryRecord(BaseModel):
     @classmethod
     def from_bytes(cls, data: bytes | str) -> RegistryRecord:
         return cls.model_validate(orjson.loads(data))
+
+
+class VariantEdit(BaseModel):
+    """A variant in an edit: matched to the current variant by ``key`` (keeps its id)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str
+    name: str | None = None
+    description: str | None = None
+    weight: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    config_overrides: dict[str, Any] | None = None
+
+
+class ExperimentEdit(BaseModel):
+    """Body of PATCH /apiv1/ab-tests/{test_id}: only the fields given change.
+
+    Edits that would move already-assigned users of a RUNNING or PAUSED experiment (weights, variants,
+    seed, lower coverage, narrower targeting) are refused with 409 ``edit_would_move_users`` unless
+    ``new_phase`` is true: then the experiment starts phase N+1 with a new hash seed (``hash_seed`` or
+    ``<key>.p<N+1>``), users are re-randomised, and later assignments carry the new phase.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+    description: str | None = None
+    status: Status | None = None
+    start_at: AwareDatetime | None = None
+    end_at: AwareDatetime | None = None
+    coverage: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    targeting: Targeting | None = None
+    baseline_config: dict[str, Any] | None = None
+    variants: list[VariantEdit] | None = Field(default=None, min_length=2)
+    new_phase: bool = False
+    hash_seed: str | None = None
+
+    def apply(self, current: Experiment, now: datetime) -> Experiment:
+        """The edited experiment (validated); ids of variants kept by key, new variants get fresh ids."""
+        data = current.model_dump(mode="python")
+        for name in ("name", "description", "status", "start_at", "end_at", "coverage", "baseline_config"):
+            value = getattr(self, name)
+            if value is not None:
+                data[name] = value
+        if self.targeting is not None:
+            data["targeting"] = self.targeting.model_dump(mode="python")
+        if self.variants is not None:
+            by_key = {v["key"]: v for v in data["variants"]}
+            next_id = max((v["id"] for v in data["variants"]), default=current.id * 1000) + 1
+            variants = []
+            for edit in self.variants:
+                base = dict(by_key.get(edit.key) or {"key": edit.key, "id": None, "name": edit.key})
+                if base["id"] is None:
+                    base["id"], next_id = next_id, next_id + 1
+                for name in ("name", "description", "weight", "config_overrides"):
+                    value = getattr(edit, name)
+                    if value is not None:
+                        base[name] = value
+                if "weight" not in base:
+                    raise ValueError(f"variant {edit.key!r} is new: it needs a weight")
+                variants.append(base)
+            data["variants"] = variants
+        if self.new_phase:
+            data["phase"] = current.phase + 1
+            data["phase_started_at"] = now
+            data["hash_seed"] = self.hash_seed or f"{current.key}.p{current.phase + 1}"
+        elif self.hash_seed is not None:
+            data["hash_seed"] = self.hash_seed
+        return Experiment.model_validate(data)

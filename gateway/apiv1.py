@@ -1,0 +1,151 @@
+"""The ArkForge surface (/apiv1/...): a thin adapter over gateway.core and the registry."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.auth import require_admin
+from gateway.core import GatewayCore, unavailable
+from gateway.endpoints import Endpoint
+from gateway.http import JSONResponse, note_user, read_json
+from gateway.ingest import ingest_apiv1_batch, ingest_apiv1_one, ingest_track
+from gateway.publisher import KafkaUnavailable
+from schemas.errors import ApiError, ErrorResponse, validation_failed
+from schemas.events import ApiV1Event, ApiV1EventBatch, IngestResponse, TrackRequest
+from schemas.experiments import ABAssignRequest, ABAssignResponse, ABTestCreate, ABTestOut
+from schemas.registry import ExperimentEdit
+
+
+def _core(request: Request) -> GatewayCore:
+    return request.app.state.core  # type: ignore[no-any-return]
+
+
+def _user(payload: object) -> object:
+    return payload.get("user_id") if isinstance(payload, dict) else None
+
+
+async def post_event(request: Request) -> Response:
+    core = _core(request)
+    payload = await read_json(request, core.settings)
+    note_user(request, _user(payload))
+    result = ingest_apiv1_one(payload, core.received_at_ms(), core.settings, core.dedup)
+    error = result.single_error()
+    if error is not None:
+        await core.ingest(result)  # the dead letter still goes to events.rejected
+        raise error
+    return JSONResponse(await core.ingest(result))
+
+
+async def post_event_batch(request: Request) -> Response:
+    core = _core(request)
+    payload = await read_json(request, core.settings)
+    result = ingest_apiv1_batch(payload, core.received_at_ms(), core.settings, core.dedup)
+    return JSONResponse(await core.ingest(result))
+
+
+async def post_track(request: Request) -> Response:
+    core = _core(request)
+    test_id = request.path_params["test_id"]
+    experiment = core.experiment(test_id)
+    payload = await read_json(request, core.settings)
+    note_user(request, _user(payload))
+    result = ingest_track(payload, str(experiment.id), core.received_at_ms(), core.settings, core.dedup)
+    error = result.single_error()
+    if error is not None:
+        await core.ingest(result)
+        raise error
+    return JSONResponse(await core.ingest(result))
+
+
+async def post_assign(request: Request) -> Response:
+    core = _core(request)
+    payload = await read_json(request, core.settings)
+    note_user(request, _user(payload))
+    return JSONResponse(await core.assign_ab(request.path_params["test_id"], payload))
+
+
+async def list_tests(request: Request) -> Response:
+    core = _core(request)
+    core.require_registry()
+    tests = [ABTestOut.from_experiment(e).model_dump(mode="json") for e in core.registry.state.experiments]
+    return JSONResponse(tests)
+
+
+async def get_test(request: Request) -> Response:
+    core = _core(request)
+    experiment = core.experiment(request.path_params["test_id"])
+    return JSONResponse(ABTestOut.from_experiment(experiment).model_dump(mode="json"))
+
+
+async def create_test(request: Request) -> Response:
+    core = _core(request)
+    require_admin(request, core.settings)
+    core.require_registry()
+    payload = await read_json(request, core.settings)
+    try:
+        body = ABTestCreate.model_validate(payload, context={"settings": core.settings})
+    except ValidationError as exc:
+        raise validation_failed(exc) from None
+    try:
+        experiment = await core.registry.create(body)
+    except KafkaUnavailable as exc:
+        raise unavailable(str(exc)) from exc
+    return JSONResponse(ABTestOut.from_experiment(experiment).model_dump(mode="json"), status_code=201)
+
+
+async def edit_test(request: Request) -> Response:
+    core = _core(request)
+    require_admin(request, core.settings)
+    current = core.experiment(request.path_params["test_id"])
+    payload = await read_json(request, core.settings)
+    try:
+        edit = ExperimentEdit.model_validate(payload)
+        new = edit.apply(current, datetime.now(UTC))
+    except ValidationError as exc:
+        raise validation_failed(exc) from None
+    except ValueError as exc:
+        raise ApiError(400, "validation_failed", str(exc)) from None
+    try:
+        experiment = await core.registry.update(current.id, new)
+    except KafkaUnavailable as exc:
+        raise unavailable(str(exc)) from exc
+    return JSONResponse(ABTestOut.from_experiment(experiment).model_dump(mode="json"))
+
+
+async def get_results(request: Request) -> Response:
+    core = _core(request)
+    core.experiment(request.path_params["test_id"])
+    raise ApiError(501, "not_implemented", "results are computed from the stream rollups, which are not built yet")
+
+
+ERRORS = {400: ErrorResponse, 413: ErrorResponse, 415: ErrorResponse, 503: ErrorResponse}
+ADMIN_ERRORS = {401: ErrorResponse, 403: ErrorResponse}
+
+ENDPOINTS = [
+    Endpoint("POST", "/apiv1/events", post_event, "Ingest one event", "arkforge",
+             request=ApiV1Event, responses={200: IngestResponse, **ERRORS}),
+    Endpoint("POST", "/apiv1/events/batch", post_event_batch, "Ingest a JSON array of events, per-event answer",
+             "arkforge", request=ApiV1EventBatch, responses={200: IngestResponse, **ERRORS}),
+    Endpoint("POST", "/apiv1/ab-tests", create_test, "Create an A/B test (RUNNING at once)", "arkforge",
+             request=ABTestCreate, responses={201: ABTestOut, 409: ErrorResponse, **ERRORS, **ADMIN_ERRORS},
+             admin=True),
+    Endpoint("GET", "/apiv1/ab-tests", list_tests, "List all A/B tests", "arkforge",
+             responses={200: list[ABTestOut], 503: ErrorResponse}),
+    Endpoint("GET", "/apiv1/ab-tests/{test_id}", get_test, "One A/B test with its variants", "arkforge",
+             responses={200: ABTestOut, 404: ErrorResponse, 503: ErrorResponse}),
+    Endpoint("PATCH", "/apiv1/ab-tests/{test_id}", edit_test,
+             "Edit a test; edits that would move assigned users need a new phase", "arkforge",
+             request=ExperimentEdit,
+             responses={200: ABTestOut, 404: ErrorResponse, 409: ErrorResponse, **ERRORS, **ADMIN_ERRORS},
+             admin=True),
+    Endpoint("POST", "/apiv1/ab-tests/{test_id}/assign", post_assign, "This user's variant (sticky)", "arkforge",
+             request=ABAssignRequest, responses={200: ABAssignResponse, 404: ErrorResponse, **ERRORS}),
+    Endpoint("POST", "/apiv1/ab-tests/{test_id}/track", post_track, "Track a metric value for a user", "arkforge",
+             request=TrackRequest, responses={200: IngestResponse, 404: ErrorResponse, **ERRORS}),
+    Endpoint("GET", "/apiv1/ab-tests/{test_id}/results", get_results, "Results of a test (not built yet: 501)",
+             "arkforge", responses={404: ErrorResponse, 501: ErrorResponse}),
+]  # fmt: skip

@@ -1,0 +1,125 @@
+"""The one core behind both API surfaces: assign, ingest, publish, answer.
+
+Surfaces (v1.py, apiv1.py) only read their request shape and call these methods, so validation,
+assignment and the Kafka acknowledgement rule exist once. Nothing here answers 2xx for anything Kafka
+has not acknowledged: a missing acknowledgement is a 503 with Retry-After and nothing reported accepted.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from abstream.config import TOPIC_ASSIGNMENTS, TOPIC_EVENTS, TOPIC_REJECTED, Settings
+from gateway.assignment import ab_assign_response, assign, decide, record_for
+from gateway.ingest import DedupCache, IngestResult
+from gateway.publisher import KafkaUnavailable, Message, Publisher
+from gateway.registry import Registry
+from schemas.errors import ApiError, validation_failed
+from schemas.experiments import ABAssignRequest, AssignmentRequest, Experiment
+
+RETRY_AFTER_S = "2"
+
+
+def unavailable(reason: str) -> ApiError:
+    return ApiError(
+        503,
+        "kafka_unavailable",
+        f"the event log did not acknowledge, nothing was accepted; retry later ({reason})",
+        headers={"Retry-After": RETRY_AFTER_S},
+    )
+
+
+class GatewayCore:
+    def __init__(self, settings: Settings, publisher: Publisher, registry: Registry) -> None:
+        self.settings = settings
+        self.publisher = publisher
+        self.registry = registry
+        self.dedup = DedupCache.from_settings(settings)
+        self.events_topic = settings.topic(TOPIC_EVENTS)
+        self.rejected_topic = settings.topic(TOPIC_REJECTED)
+        self.assignments_topic = settings.topic(TOPIC_ASSIGNMENTS)
+
+    # ---- shared ---------------------------------------------------------------------------------
+
+    async def publish(self, messages: list[Message]) -> None:
+        try:
+            await self.publisher.publish(messages)
+        except KafkaUnavailable as exc:
+            raise unavailable(str(exc)) from exc
+
+    def require_registry(self) -> None:
+        if not self.registry.ready:
+            raise ApiError(
+                503,
+                "registry_not_ready",
+                self.registry.startup_error or "the experiment registry is still loading",
+                headers={"Retry-After": RETRY_AFTER_S},
+            )
+
+    def experiment(self, test_id: str) -> Experiment:
+        """The experiment behind an ArkForge ``{test_id}``: 404 when unknown (ids are integers)."""
+        self.require_registry()
+        try:
+            experiment_id = int(test_id)
+        except ValueError:
+            raise ApiError(404, "test_not_found", f"no test with id {test_id!r}") from None
+        experiment = self.registry.state.by_id(experiment_id)
+        if experiment is None:
+            raise ApiError(404, "test_not_found", f"no test with id {experiment_id}")
+        return experiment
+
+    @staticmethod
+    def received_at_ms() -> int:
+        return time.time_ns() // 1_000_000
+
+    # ---- events ---------------------------------------------------------------------------------
+
+    async def ingest(self, result: IngestResult) -> dict[str, Any]:
+        """Publish the accepted events (one record per user) and the dead letters, then answer per event."""
+        messages: list[Message] = [(self.events_topic, r.key, r.value) for r in result.records]
+        messages += [(self.rejected_topic, r.key, r.value) for r in result.rejected_records]
+        if messages:
+            await self.publish(messages)
+        result.acknowledge(self.dedup)
+        return result.body()
+
+    # ---- assignment -----------------------------------------------------------------------------
+
+    async def assign_v1(self, payload: Any) -> dict[str, Any]:
+        """POST /v1/assignment: every eligible RUNNING experiment, merged config, records published first."""
+        if not isinstance(payload, dict):
+            raise ApiError(400, "invalid_body", "body must be a JSON object with anonymous_user_id")
+        try:
+            request = AssignmentRequest.model_validate(payload, context={"settings": self.settings})
+        except ValidationError as exc:
+            raise validation_failed(exc) from None
+        self.require_registry()
+        state = self.registry.state
+        result = assign(state.live, request, datetime.now(UTC), version=state.version)
+        records = result.records("v1")
+        if records:
+            await self.publish([(self.assignments_topic, r.user_id.encode(), r.to_bytes()) for r in records])
+        return result.response().model_dump(mode="json")
+
+    async def assign_ab(self, test_id: str, payload: Any) -> dict[str, Any]:
+        """POST /apiv1/ab-tests/{test_id}/assign: this user's variant of one test, the same on every call."""
+        experiment = self.experiment(test_id)
+        if not isinstance(payload, dict):
+            raise ApiError(400, "invalid_body", "body must be a JSON object with user_id")
+        try:
+            request = ABAssignRequest.model_validate(payload, context={"settings": self.settings})
+        except ValidationError as exc:
+            raise validation_failed(exc) from None
+        now = datetime.now(UTC)
+        version = self.registry.state.version
+        decision = decide(experiment, request.user_id, now)
+        if decision.variant is not None:
+            record = record_for(
+                experiment, decision.variant, request.user_id, version=version, now=now, surface="apiv1"
+            )
+            await self.publish([(self.assignments_topic, request.user_id.encode(), record.to_bytes())])
+        return ab_assign_response(experiment, request.user_id, decision, version).model_dump(mode="json")

@@ -1,0 +1,123 @@
+"""HTTP plumbing shared by both surfaces: JSON responses, body reading with limits, error handlers,
+and the access log that masks user identifiers."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import orjson
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from abstream.config import Settings
+from gateway.ingest import decode_body
+from schemas.errors import ApiError
+
+log = logging.getLogger("abstream.gateway")
+access_log = logging.getLogger("abstream.access")
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS)
+
+
+def error_response(err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers or None)
+
+
+def mask_id(value: object) -> str:
+    """Log-safe form of a user identifier: a short prefix and the length, never the whole id."""
+    if not isinstance(value, str) or not value:
+        return "-"
+    return f"{value[:4]}…({len(value)})" if len(value) > 4 else "…"
+
+
+async def read_json(request: Request, settings: Settings) -> Any:
+    """The request body as JSON, refusing oversize bodies before reading them all (413)."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        try:
+            declared = int(length)
+        except ValueError:
+            raise ApiError(400, "invalid_content_length", "Content-Length is not a number") from None
+        if declared > settings.max_body_bytes:
+            raise ApiError(413, "payload_too_large", f"body is larger than {settings.max_body_bytes} bytes")
+        body = await request.body()
+    else:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > settings.max_body_bytes:
+                raise ApiError(413, "payload_too_large", f"body is larger than {settings.max_body_bytes} bytes")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+    return decode_body(
+        request.headers.get("content-type"), request.headers.get("content-encoding"), body, settings
+    )
+
+
+async def api_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(exc)
+
+
+async def http_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    code = codes.get(exc.status_code, "http_error")
+    message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    if exc.status_code == 404:
+        message = f"no route for {request.method} {request.url.path}"
+    err = ApiError(exc.status_code, code, message, headers=dict(exc.headers or {}))
+    return error_response(err)
+
+
+async def unhandled_error_handler(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(ApiError(500, "internal_error", "internal error; it has been logged"))
+
+
+class AccessLogMiddleware:
+    """One line per request: method, path, status, duration and the masked user id a route noted."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not access_log.isEnabledFor(logging.INFO):
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            user = scope.get("state", {}).get("log_user")
+            access_log.info(
+                "%s %s %d %.1fms user=%s",
+                scope["method"],
+                scope["path"],
+                status,
+                (time.perf_counter() - start) * 1000,
+                mask_id(user),
+            )
+
+
+def note_user(request: Request, user_id: object) -> None:
+    """Let the access log show this request's user, masked."""
+    request.state.log_user = user_id

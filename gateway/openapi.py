@@ -1,0 +1,93 @@
+"""/openapi.json, generated from the endpoint table and the pydantic models in schemas/ (never by hand)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from pydantic import TypeAdapter
+
+from gateway.endpoints import Endpoint
+
+_PARAM = re.compile(r"{([^}]+)}")
+_REF = "#/components/schemas/{model}"
+
+
+def _schema_of(tp: Any, components: dict[str, Any]) -> dict[str, Any]:
+    schema = TypeAdapter(tp).json_schema(ref_template=_REF, mode="serialization")
+    components.update(schema.pop("$defs", {}))
+    title = schema.get("title")
+    if schema.get("type") == "object" and isinstance(title, str) and title.isidentifier():
+        components.setdefault(title, schema)
+        return {"$ref": _REF.format(model=title)}
+    return schema
+
+
+def _request_schema_of(tp: Any, components: dict[str, Any]) -> dict[str, Any]:
+    schema = TypeAdapter(tp).json_schema(ref_template=_REF, mode="validation")
+    components.update(schema.pop("$defs", {}))
+    return schema
+
+
+def build_openapi(endpoints: Iterable[Endpoint], version: str) -> dict[str, Any]:
+    components: dict[str, Any] = {}
+    paths: dict[str, dict[str, Any]] = {}
+    for ep in endpoints:
+        op: dict[str, Any] = {
+            "summary": ep.summary,
+            "tags": [ep.tag],
+            "operationId": f"{ep.method.lower()}_{re.sub(r'[^a-z0-9]+', '_', ep.path.lower()).strip('_')}",
+        }
+        if ep.description:
+            op["description"] = ep.description
+        params = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "integer"}}
+            for name in _PARAM.findall(ep.path)
+        ]
+        if params:
+            op["parameters"] = params
+        if ep.request is not None:
+            op["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": _request_schema_of(ep.request, components)}},
+            }
+        op["responses"] = {
+            str(status): {
+                "description": _DESCRIPTIONS.get(status, "answer"),
+                **({"content": {"application/json": {"schema": _schema_of(model, components)}}} if model else {}),
+            }
+            for status, model in sorted(ep.responses.items())
+        }
+        if ep.admin:
+            op["security"] = [{"adminToken": []}]
+        paths.setdefault(ep.path, {})[ep.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "abstream gateway",
+            "version": version,
+            "description": "Both API surfaces: Calicritters (/v1) and ArkForge (/apiv1), over one core.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": dict(sorted(components.items())),
+            "securitySchemes": {"adminToken": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+_DESCRIPTIONS = {
+    200: "OK",
+    201: "Created",
+    400: "Invalid request: `error.details` names every bad field",
+    401: "Missing bearer token",
+    403: "Wrong bearer token",
+    404: "Not found",
+    409: "Conflict",
+    413: "Body, decompressed body or batch too large",
+    415: "Unsupported Content-Type or Content-Encoding",
+    501: "Not implemented yet",
+    503: "Kafka did not acknowledge (nothing accepted) or still starting; see Retry-After",
+}
+

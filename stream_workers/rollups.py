@@ -1,0 +1,231 @@
+"""Where a rollup is computed: each user's contribution to every rollup, as one pure function.
+
+The stream keeps a ``UserState`` per user and, whenever a user changes, subtracts the user's previous
+contribution from the partition's totals and adds the new one (``Totals.replace``). ``abstream verify``
+rebuilds the same ``UserState`` objects from ClickHouse (event_logs FINAL + assignments) and sums the
+same ``contribution`` from scratch. Both paths share this module, so "the rollups equal the aggregate
+recomputed from the raw log" holds by construction, and a difference means lost or doubled data.
+
+Rules (also in docs/stream-workers.md):
+* day = UTC date of the event time (the skew-corrected time when the client sent ``sent_at``).
+* An event counts for experiment E when the event was enriched with the user's assignment to E, i.e.
+  the user's first assignment (of E's latest phase) happened no later than the event was received.
+* experiment metric value x of a user for (metric, day): the number of events with that name that day,
+  or for tracked metrics (/apiv1/ab-tests/{id}/track, counted for that test only) the sum of values.
+* funnel: a user reaches step k when events of steps 1..k happen in that order (non-decreasing time)
+  with the k-th no later than ``conversion_window_seconds`` after the first. Per experiment/variant the
+  user is assigned to (all experiments, or the funnel's ``experiment_keys``), and for all users (id 0).
+* daily: per day, event name, platform and app version: events and unique users; the rows with
+  platform '*' and app_version '*' are the totals over all platforms and versions ('' = not sent).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, insort
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from schemas.experiments import Funnel
+
+MS_PER_DAY = 86_400_000
+ALL = "*"  # platform/app_version of the daily rows that total over all platforms and versions
+
+# Totals keys: ("m", exp, variant, metric, day) -> [users_with_metric, event_count, n, sum_x, sum_x2]
+#              ("e", exp, variant, day)         -> [users]
+#              ("f", funnel, exp, variant, step) -> [users]
+#              ("d", day, event_name, platform, app_version) -> [events, unique_users]
+Key = tuple[Any, ...]
+Stats = list[float]
+
+
+@dataclass(slots=True)
+class Assignment:
+    experiment_id: int
+    experiment_key: str
+    variant_id: int
+    variant_key: str
+    phase: int
+    assigned_at_ms: int
+    assignment_version: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "experiment_id": self.experiment_id,
+            "experiment_key": self.experiment_key,
+            "variant_id": self.variant_id,
+            "variant_key": self.variant_key,
+            "phase": self.phase,
+            "assigned_at_ms": self.assigned_at_ms,
+        }
+
+
+@dataclass(slots=True)
+class UserEvent:
+    """What the rollups need of one stored event."""
+
+    event_id: str
+    event_name: str
+    kind: str
+    event_time_ms: int
+    received_at_ms: int
+    platform: str
+    app_version: str
+    metric_experiment_id: int | None
+    value: float | None
+    attribution: tuple[tuple[int, int], ...]  # (experiment_id, variant_id) the event was enriched with
+
+    @property
+    def day(self) -> int:
+        return self.event_time_ms // MS_PER_DAY
+
+
+@dataclass(slots=True)
+class UserState:
+    """One user's assignments and the summaries of their stored events."""
+
+    assignments: dict[int, Assignment] = field(default_factory=dict)
+    # (day, event_name, platform, app_version) -> events
+    daily: dict[tuple[int, str, str, str], int] = field(default_factory=dict)
+    # (experiment_id, variant_id, metric, day) -> [event_count, value]
+    attributed: dict[tuple[int, int, str, int], list[float]] = field(default_factory=dict)
+    # funnel key -> per step: sorted event times
+    funnel_times: dict[str, list[list[int]]] = field(default_factory=dict)
+
+    def attribution_for(self, received_at_ms: int) -> tuple[Assignment, ...]:
+        """Assignments known when the event was received (the enrichment rule)."""
+        return tuple(
+            a for _, a in sorted(self.assignments.items()) if a.assigned_at_ms <= received_at_ms
+        )
+
+    def add_event(self, ev: UserEvent, funnels: Iterable[Funnel], sign: int = 1) -> None:
+        """Count (sign=1) or uncount (sign=-1) one event in the summaries."""
+        day = ev.day
+        dkey = (day, ev.event_name, ev.platform, ev.app_version)
+        n = self.daily.get(dkey, 0) + sign
+        if n:
+            self.daily[dkey] = n
+        else:
+            self.daily.pop(dkey, None)
+        for exp_id, variant_id in ev.attribution:
+            if ev.kind == "metric":
+                if ev.metric_experiment_id != exp_id:
+                    continue
+                amount = ev.value or 0.0
+            else:
+                amount = 1.0
+            akey = (exp_id, variant_id, ev.event_name, day)
+            acc = self.attributed.get(akey)
+            if acc is None:
+                acc = self.attributed[akey] = [0, 0.0]
+            acc[0] += sign
+            acc[1] += sign * amount
+            if acc[0] == 0:
+                del self.attributed[akey]
+        for funnel in funnels:
+            steps = funnel.steps
+            if ev.event_name not in steps:
+                continue
+            times = self.funnel_times.get(funnel.key)
+            if times is None:
+                times = self.funnel_times[funnel.key] = [[] for _ in steps]
+            for i, name in enumerate(steps):
+                if name == ev.event_name:
+                    if sign > 0:
+                        insort(times[i], ev.event_time_ms)
+                    else:
+                        pos = bisect_left(times[i], ev.event_time_ms)
+                        if pos < len(times[i]) and times[i][pos] == ev.event_time_ms:
+                            times[i].pop(pos)
+
+
+def funnel_level(times: list[list[int]], window_ms: int) -> int:
+    """Deepest step reached in order (non-decreasing times) within window_ms of the first step."""
+    if not times or not times[0]:
+        return 0
+    best = 1
+    n = len(times)
+    for start in times[0]:
+        level, cur = 1, start
+        limit = start + window_ms
+        for step in range(1, n):
+            lst = times[step]
+            pos = bisect_left(lst, cur)
+            if pos == len(lst) or lst[pos] > limit:
+                break
+            cur = lst[pos]
+            level = step + 1
+        if level > best:
+            best = level
+            if best == n:
+                break
+    return best
+
+
+def contribution(user: UserState, funnels: Iterable[Funnel]) -> dict[Key, Stats]:
+    """This user's share of every rollup total (see module docstring for the rules)."""
+    out: dict[Key, Stats] = {}
+    for (exp_id, variant_id, metric, day), (count, value) in user.attributed.items():
+        if count <= 0:
+            continue
+        x = float(value)
+        out[("m", exp_id, variant_id, metric, day)] = [1, count, 1, x, x * x]
+    for exp_id, a in user.assignments.items():
+        out[("e", exp_id, a.variant_id, a.assigned_at_ms // MS_PER_DAY)] = [1]
+    totals_by_day: dict[tuple[int, str], int] = {}
+    for (day, name, platform, version), count in user.daily.items():
+        out[("d", day, name, platform, version)] = [count, 1]
+        totals_by_day[(day, name)] = totals_by_day.get((day, name), 0) + count
+    for (day, name), count in totals_by_day.items():
+        out[("d", day, name, ALL, ALL)] = [count, 1]
+    for funnel in funnels:
+        times = user.funnel_times.get(funnel.key)
+        if not times:
+            continue
+        level = funnel_level(times, funnel.conversion_window_seconds * 1000)
+        if level == 0:
+            continue
+        groups = [(0, 0)]
+        keys = set(funnel.experiment_keys or ())
+        for exp_id, a in user.assignments.items():
+            if not keys or a.experiment_key in keys:
+                groups.append((exp_id, a.variant_id))
+        for exp_id, variant_id in groups:
+            for step in range(1, level + 1):
+                out[("f", funnel.key, exp_id, variant_id, step)] = [1]
+    return out
+
+
+class Totals:
+    """Per-partition totals of every rollup key, maintained by replacing users' contributions."""
+
+    def __init__(self) -> None:
+        self.values: dict[Key, Stats] = {}
+        self.dirty: set[Key] = set()
+
+    def replace(self, old: Mapping[Key, Stats], new: Mapping[Key, Stats]) -> None:
+        for key, stats in old.items():
+            if new.get(key) == stats:
+                continue
+            cur = self.values[key]
+            for i, v in enumerate(stats):
+                cur[i] -= v
+            self.dirty.add(key)
+        for key, stats in new.items():
+            prev = old.get(key)
+            if prev == stats:
+                continue
+            cur = self.values.get(key)
+            if cur is None:
+                cur = self.values[key] = [0] * len(stats)
+            for i, v in enumerate(stats):
+                cur[i] += v
+            self.dirty.add(key)
+
+    def add(self, contrib: Mapping[Key, Stats]) -> None:
+        self.replace({}, contrib)
+
+    def take_dirty(self) -> list[tuple[Key, Stats]]:
+        rows = [(key, list(self.values.get(key, ()))) for key in self.dirty]
+        self.dirty = set()
+        return rows
