@@ -5,6 +5,7 @@ Agents live in their own modules (enrichment, sink, rollups) and register on ``a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 
@@ -45,11 +46,29 @@ def create_app(settings: Settings) -> faust.App:
     return app
 
 
+async def _ensure_topics(settings: Settings) -> None:
+    """Create the topics (same partition count for events and assignments) before Faust subscribes."""
+    from aiokafka.errors import KafkaError
+
+    from abstream.kafka import ensure_topics
+
+    delay = 0.5
+    while True:
+        try:
+            await ensure_topics(settings)
+            return
+        except (KafkaError, OSError) as exc:
+            log.warning("Kafka at %s not reachable yet (%s); retrying", settings.kafka_bootstrap_servers, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
 def run(settings: Settings, web_port: int | None = None) -> None:
     """`abstream worker`: one Faust worker process (several may run; they share the partitions)."""
     from stream_workers import agents
 
     port = web_port or settings.worker_web_port
+    asyncio.run(_ensure_topics(settings))
     app = agents.build(settings)
     sys.argv = [sys.argv[0], "worker", "--loglevel", settings.log_level.lower(), "--web-port", str(port),
                 "--web-host", "127.0.0.1"]

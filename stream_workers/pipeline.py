@@ -1,0 +1,427 @@
+"""The main stream: events and assignments of the same users (co-partitioned), enriched, deduplicated,
+logged to ClickHouse and aggregated into rollups, exactly once across crashes.
+
+Recovery design (ClickHouse is the checkpoint)
+-----------------------------------------------
+Every row a worker writes carries its source (kafka_partition, kafka_offset). When a worker gets a
+partition it reads, before processing any of its records, the partition's state back from ClickHouse:
+the highest offsets already written, the users' first assignments (merged with the Faust table
+``user_assignments``), and the users' stored events (event_logs FINAL), from which it recomputes every
+user's rollup contribution and the partition's totals. Records at or below the written offsets are
+skipped; event_ids already written are dropped. Kafka offsets are acknowledged to Faust only after the
+rows of those records are in ClickHouse (manual acks), so a SIGKILL at any moment either replays records
+(skipped or deduplicated) or loses nothing. This does not depend on a Faust changelog being complete,
+which matters on the embedded broker: tansu's ListOffsets(latest) answers the start of the last batch,
+so changelog recovery stops short of the end there.
+
+Enrichment rule
+---------------
+An event carries the assignments its user had when the gateway received it: for each experiment the
+user's first assignment (of the latest phase) with assigned_at <= received_at. Events and assignments
+travel on different topics, so an assignment can reach the worker after an event received later than
+it; when it does, the user's recent events (ABSTREAM_ENRICH_LOOKBACK_S, kept in memory) that it applies
+to are written again with the new enrichment and a higher ``enriched_version`` (event_logs is a
+ReplacingMergeTree; read it with FINAL), and the rollups move with them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import faust
+import orjson
+from aiokafka.partitioner import DefaultPartitioner
+
+from abstream.config import TOPIC_ASSIGNMENTS, TOPIC_EVENTS, Settings
+from schemas.events import decode_record
+from schemas.experiments import Funnel, load_manifest
+from stream_workers.rollups import MS_PER_DAY, Assignment, Key, Stats, Totals, UserEvent, UserState, contribution
+from stream_workers.sink import ASSIGNMENT_COLUMNS, EVENT_LOG_COLUMNS, ClickHouseWriter
+
+log = logging.getLogger(__name__)
+
+FLUSH_ROWS = 20_000
+DEDUP_WINDOW_MS = 24 * 3600 * 1000
+LOOKBACK_MS = 300_000
+RECENT_PER_USER = 500
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def ms_to_dt(ms: int | None) -> datetime | None:
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC)
+
+
+@dataclass(slots=True)
+class Recent:
+    """An event still in memory, so a late assignment can re-enrich it."""
+
+    event: UserEvent
+    row: list[Any]
+
+
+@dataclass
+class PartitionState:
+    partition: int
+    users: dict[str, UserState] = field(default_factory=dict)
+    contrib: dict[str, dict[Key, Stats]] = field(default_factory=dict)
+    totals: Totals = field(default_factory=Totals)
+    seen: dict[tuple[str, str], int] = field(default_factory=dict)
+    recent: dict[str, deque[Recent]] = field(default_factory=dict)
+    events_written: int = -1  # highest events offset whose rows are in ClickHouse
+    assignments_written: int = -1
+    events_next: int = 0  # next offsets to be reflected in the totals (the rollup version)
+    assignments_next: int = 0
+    event_rows: list[list[Any]] = field(default_factory=list)
+    assignment_rows: list[list[Any]] = field(default_factory=list)
+    pending_acks: list[tuple[Any, Any]] = field(default_factory=list)
+    watermark_ms: int | None = None
+
+    def user(self, user_id: str) -> UserState:
+        u = self.users.get(user_id)
+        if u is None:
+            u = self.users[user_id] = UserState()
+        return u
+
+    @property
+    def version(self) -> int:
+        return (self.events_next << 32) | (self.assignments_next & 0xFFFFFFFF)
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, app: faust.App, writer: ClickHouseWriter) -> None:
+        self.settings = settings
+        self.app = app
+        self.writer = writer
+        self.events_topic = settings.topic(TOPIC_EVENTS)
+        self.assignments_topic = settings.topic(TOPIC_ASSIGNMENTS)
+        self.partitions: dict[int, PartitionState] = {}
+        self.funnels: list[Funnel] = list(load_manifest(settings.manifest_path).funnels)
+        self.table = app.Table("user_assignments", default=dict, partitions=settings.kafka_partitions)
+        self.flush_lock = asyncio.Lock()
+        self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
+        self.partitioner = DefaultPartitioner()
+        self.capacity = asyncio.Event()
+        self.capacity.set()
+
+    # ---- partition lifecycle ---------------------------------------------------------------------
+
+    def revoke(self, partitions: set[int]) -> None:
+        """Forget revoked partitions: their unacknowledged records go to the next owner."""
+        for p in partitions:
+            self.partitions.pop(p, None)
+
+    async def state_for(self, partition: int) -> PartitionState:
+        part = self.partitions.get(partition)
+        if part is None:
+            part = await self.rebuild(partition)
+            self.partitions[partition] = part
+        return part
+
+    async def rebuild(self, partition: int) -> PartitionState:
+        """Read this partition's state back from ClickHouse (see the module docstring)."""
+        t0 = time.perf_counter()
+        part = PartitionState(partition)
+        q = self.writer.query
+        params = {"p": partition}
+        (ev_max, ev_n), = await q(
+            "SELECT max(kafka_offset), count() FROM event_logs WHERE kafka_partition = {p:UInt16}", params
+        )
+        (as_max, as_n), = await q(
+            "SELECT max(kafka_offset), count() FROM assignments WHERE kafka_partition = {p:UInt16}", params
+        )
+        part.events_written = int(ev_max) if ev_n else -1
+        part.assignments_written = int(as_max) if as_n else -1
+        part.events_next = part.events_written + 1
+        part.assignments_next = part.assignments_written + 1
+        rows = await q(
+            "SELECT user_id, experiment_id, experiment_key, variant_id, variant_key, phase, "
+            "toUnixTimestamp64Milli(assigned_at), assignment_version FROM assignments FINAL "
+            "WHERE kafka_partition = {p:UInt16} ORDER BY assigned_at",
+            params,
+        )
+        for user_id, exp_id, exp_key, variant_id, variant_key, phase, at_ms, version in rows:
+            a = Assignment(exp_id, exp_key, variant_id, variant_key, phase, at_ms, version)
+            self._keep_first(part.user(user_id), a)
+        self._merge_table(part)
+        now_ms = int(time.time() * 1000)
+        rows = await q(
+            "SELECT user_id, event_id, event_name, kind, toUnixTimestamp64Milli(event_time), "
+            "toUnixTimestamp64Milli(received_at), platform, app_version, experiment_id, metric_value, assignments "
+            "FROM event_logs FINAL WHERE kafka_partition = {p:UInt16}",
+            params,
+        )
+        for user_id, event_id, name, kind, t_ms, recv_ms, platform, version, exp_id, value, assignments in rows:
+            ev = event_from_log(event_id, name, kind, t_ms, recv_ms, platform, version, exp_id, value, assignments)
+            part.user(user_id).add_event(ev, self.funnels)
+            if recv_ms >= now_ms - DEDUP_WINDOW_MS:
+                part.seen[(user_id, event_id)] = recv_ms
+        for user_id, user in part.users.items():
+            contrib = contribution(user, self.funnels)
+            part.contrib[user_id] = contrib
+            part.totals.add(contrib)
+        part.totals.dirty = set(part.totals.values)  # rewrite every total once: converge after any crash
+        log.info(
+            "partition %d rebuilt from ClickHouse in %.2fs: %d users, %d events, offsets events>%d assignments>%d",
+            partition, time.perf_counter() - t0, len(part.users), len(rows), part.events_written,
+            part.assignments_written,
+        )  # fmt: skip
+        return part
+
+    def _merge_table(self, part: PartitionState) -> None:
+        """First assignments the Faust table holds for this partition's users (first one wins)."""
+        n = self.settings.kafka_partitions
+        for user_id, stored in list(self.table.items()):
+            if self.partitioner(user_id.encode(), list(range(n)), list(range(n))) != part.partition:
+                continue
+            for data in stored.values():
+                self._keep_first(part.user(user_id), Assignment(**data))
+
+    @staticmethod
+    def _keep_first(user: UserState, a: Assignment) -> bool:
+        """Keep the user's first assignment of the experiment's latest phase; True when it is new."""
+        cur = user.assignments.get(a.experiment_id)
+        if cur is not None and (cur.phase, -cur.assigned_at_ms) >= (a.phase, -a.assigned_at_ms):
+            return False
+        user.assignments[a.experiment_id] = a
+        return True
+
+    # ---- processing -------------------------------------------------------------------------------
+
+    async def handle(self, stream: Any, event: Any) -> None:
+        message = event.message
+        part = await self.state_for(message.partition)
+        if message.topic == self.events_topic:
+            if message.offset > part.events_written:
+                self._on_events(part, message.offset, message.value)
+            part.events_next = max(part.events_next, message.offset + 1)
+        else:
+            if message.offset > part.assignments_written:
+                self._on_assignment(part, message.offset, message.value)
+            part.assignments_next = max(part.assignments_next, message.offset + 1)
+        part.pending_acks.append((stream, event))
+        if sum(len(p.event_rows) for p in self.partitions.values()) >= FLUSH_ROWS:
+            # Blocks while ClickHouse is away (the writer retries): the agent stops consuming meanwhile.
+            await self.flush()
+
+    def _on_events(self, part: PartitionState, offset: int, value: bytes) -> None:
+        try:
+            rec = decode_record(value)
+        except ValueError as exc:
+            log.error("events partition %d offset %d: unreadable record skipped: %s", part.partition, offset, exc)
+            return
+        user_id: str = rec["user_id"]
+        received: int = rec["received_at_ms"]
+        user = part.user(user_id)
+        attrib = user.attribution_for(received)
+        enrichment = enrichment_columns(attrib)
+        attribution = tuple((a.experiment_id, a.variant_id) for a in attrib)
+        recent = part.recent.get(user_id)
+        if recent is None:
+            recent = part.recent[user_id] = deque(maxlen=RECENT_PER_USER)
+        surface = rec["surface"]
+        changed = False
+        for ev in rec["events"]:
+            key = (user_id, ev["event_id"])
+            if key in part.seen:
+                continue
+            part.seen[key] = received
+            t_ms = ev["corrected_at_ms"] if ev["corrected_at_ms"] is not None else ev["occurred_at_ms"]
+            exp_id = ev["experiment_id"]
+            metric_exp = int(exp_id) if exp_id is not None else None
+            user_event = UserEvent(
+                ev["event_id"], ev["event_name"], ev["kind"], t_ms, received, ev["platform"] or "",
+                ev["app_version"] or "", metric_exp, ev["value"], attribution,
+            )  # fmt: skip
+            user.add_event(user_event, self.funnels)
+            occurred_raw = ev["occurred_at"]
+            row = [
+                ev["event_id"], ev["event_name"], ev["kind"], user_id, ev["session_id"] or "", ev["install_id"] or "",
+                ev["platform"] or "", ev["app_version"] or "", surface, ms_to_dt(t_ms), ms_to_dt(ev["occurred_at_ms"]),
+                "" if occurred_raw is None else str(occurred_raw), ms_to_dt(received),
+                ms_to_dt(_ms_or_none(ev["sent_at"], received, ev["skew_ms"])),
+                ms_to_dt(ev["corrected_at_ms"]), ev["skew_ms"], orjson.dumps(ev["properties"]).decode(),
+                orjson.dumps(ev["context"]).decode(), metric_exp, ev["metric_name"] or "",
+                None if ev["value"] is None else float(ev["value"]), *enrichment, part.partition, offset, 1,
+            ]  # fmt: skip
+            part.event_rows.append(row)
+            recent.append(Recent(user_event, row))
+            if part.watermark_ms is None or t_ms > part.watermark_ms:
+                part.watermark_ms = t_ms
+            changed = True
+        if changed:
+            self._recontribute(part, user_id, user)
+
+    def _on_assignment(self, part: PartitionState, offset: int, value: bytes) -> None:
+        try:
+            rec = orjson.loads(value)
+            a = Assignment(
+                int(rec["experiment_id"]), rec["experiment_key"], int(rec["variant_id"]), rec["variant_key"],
+                int(rec["phase"]), int(rec["assigned_at"]), rec["assignment_version"],
+            )  # fmt: skip
+            user_id = rec["user_id"]
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("assignments partition %d offset %d: unreadable record skipped: %s", part.partition, offset, exc)
+            return
+        user = part.user(user_id)
+        if not self._keep_first(user, a):
+            return
+        stored = dict(self.table[user_id])
+        stored[str(a.experiment_id)] = a.as_json() | {"assignment_version": a.assignment_version}
+        self.table[user_id] = stored
+        part.assignment_rows.append([
+            user_id, a.experiment_id, a.experiment_key, a.variant_id, a.variant_key, a.phase, a.assignment_version,
+            ms_to_dt(a.assigned_at_ms), rec.get("platform") or "", rec.get("app_version") or "",
+            rec.get("surface") or "", part.partition, offset,
+        ])  # fmt: skip
+        # re-enrich recent events received at or after this assignment (they arrived before it did)
+        for item in part.recent.get(user_id, ()):
+            ev = item.event
+            if ev.received_at_ms < a.assigned_at_ms:
+                continue
+            attrib = user.attribution_for(ev.received_at_ms)
+            attribution = tuple((x.experiment_id, x.variant_id) for x in attrib)
+            if attribution == ev.attribution:
+                continue
+            user.add_event(ev, self.funnels, -1)
+            ev.attribution = attribution
+            user.add_event(ev, self.funnels, +1)
+            row = list(item.row)
+            row[21:24] = enrichment_columns(attrib)
+            row[-1] = item.row[-1] + 1
+            item.row = row
+            part.event_rows.append(row)
+        self._recontribute(part, user_id, user)
+
+    def _recontribute(self, part: PartitionState, user_id: str, user: UserState) -> None:
+        new = contribution(user, self.funnels)
+        part.totals.replace(part.contrib.get(user_id, {}), new)
+        part.contrib[user_id] = new
+
+    # ---- flushing ---------------------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Write buffered rows and changed totals, then acknowledge the records they came from."""
+        async with self.flush_lock:
+            parts = [p for p in self.partitions.values() if p.pending_acks or p.totals.dirty]
+            if not parts:
+                return
+            t0 = time.perf_counter()
+            event_rows: list[list[Any]] = []
+            assignment_rows: list[list[Any]] = []
+            acks: list[tuple[Any, Any]] = []
+            rollups: dict[str, list[list[Any]]] = {"m": [], "e": [], "f": [], "d": []}
+            watermark: int | None = None
+            for p in parts:
+                event_rows += p.event_rows
+                assignment_rows += p.assignment_rows
+                acks += p.pending_acks
+                p.event_rows, p.assignment_rows, p.pending_acks = [], [], []
+                version = p.version
+                for key, stats in p.totals.take_dirty():
+                    rollups[key[0]].append(rollup_row(key, stats, p.partition, version, self.funnels))
+                if p.watermark_ms is not None and (watermark is None or p.watermark_ms > watermark):
+                    watermark = p.watermark_ms
+            w = self.writer
+            await w.insert("event_logs", event_rows, EVENT_LOG_COLUMNS)
+            await w.insert("assignments", assignment_rows, ASSIGNMENT_COLUMNS)
+            await w.insert("experiment_metric_rollups_by_partition", rollups["m"], METRIC_COLUMNS)
+            await w.insert("experiment_exposures_by_partition", rollups["e"], EXPOSURE_COLUMNS)
+            await w.insert("funnel_rollups_by_partition", rollups["f"], FUNNEL_COLUMNS)
+            await w.insert("daily_metric_rollups_by_partition", rollups["d"], DAILY_COLUMNS)
+            for p in parts:
+                if p.partition in self.partitions:
+                    p.events_written = max(p.events_written, p.events_next - 1)
+                    p.assignments_written = max(p.assignments_written, p.assignments_next - 1)
+            for stream, event in acks:
+                await stream.ack(event)
+            n_rollups = sum(len(v) for v in rollups.values())
+            await w.insert(
+                "rollup_runs",
+                [[datetime.now(UTC), self.worker_name, sorted(p.partition for p in parts), len(event_rows),
+                  len(assignment_rows), n_rollups, ms_to_dt(watermark), (time.perf_counter() - t0) * 1000]],
+                ["run_at", "worker", "partitions", "event_rows", "assignment_rows", "rollup_rows", "watermark",
+                 "duration_ms"],
+            )  # fmt: skip
+            self._prune()
+
+    def _prune(self) -> None:
+        now_ms = int(time.time() * 1000)
+        for p in self.partitions.values():
+            if len(p.seen) > 100_000:
+                cutoff = now_ms - DEDUP_WINDOW_MS
+                p.seen = {k: v for k, v in p.seen.items() if v >= cutoff}
+            cutoff = now_ms - LOOKBACK_MS
+            for user_id in [u for u, d in p.recent.items() if not d or d[-1].event.received_at_ms < cutoff]:
+                del p.recent[user_id]
+
+
+METRIC_COLUMNS = ["experiment_id", "variant_id", "metric", "day", "kafka_partition", "users_with_metric",
+                  "event_count", "n", "sum_x", "sum_x2", "version"]  # fmt: skip
+EXPOSURE_COLUMNS = ["experiment_id", "variant_id", "day", "kafka_partition", "users", "version"]
+FUNNEL_COLUMNS = ["funnel_key", "experiment_id", "variant_id", "step", "step_name", "kafka_partition", "users",
+                  "version"]  # fmt: skip
+DAILY_COLUMNS = ["day", "event_name", "platform", "app_version", "kafka_partition", "events", "unique_users",
+                 "version"]  # fmt: skip
+
+
+def _day(day: int) -> Any:
+    from datetime import date, timedelta
+
+    return date(1970, 1, 1) + timedelta(days=day)
+
+
+def rollup_row(key: Key, stats: Stats, partition: int, version: int, funnels: list[Funnel]) -> list[Any]:
+    kind = key[0]
+    if kind == "m":
+        _, exp, variant, metric, day = key
+        users, count, n, sx, sx2 = stats
+        return [exp, variant, metric, _day(day), partition, int(users), int(count), int(n), sx, sx2, version]
+    if kind == "e":
+        _, exp, variant, day = key
+        return [exp, variant, _day(day), partition, int(stats[0]), version]
+    if kind == "f":
+        _, funnel_key, exp, variant, step = key
+        names = next((f.steps for f in funnels if f.key == funnel_key), [])
+        step_name = names[step - 1] if step - 1 < len(names) else ""
+        return [funnel_key, exp, variant, step, step_name, partition, int(stats[0]), version]
+    _, day, name, platform, app_version = key
+    return [_day(day), name, platform, app_version, partition, int(stats[0]), int(stats[1]), version]
+
+
+def enrichment_columns(attrib: tuple[Assignment, ...]) -> list[Any]:
+    """assignment_version, assignments (JSON), experiment_map for an event's assignment context."""
+    if not attrib:
+        return ["", "[]", {}]
+    latest = max(attrib, key=lambda a: a.assigned_at_ms)
+    return [
+        latest.assignment_version,
+        orjson.dumps([a.as_json() for a in attrib]).decode(),
+        {a.experiment_key: a.variant_key for a in attrib},
+    ]
+
+
+def event_from_log(
+    event_id: str, name: str, kind: str, t_ms: int, recv_ms: int, platform: str, version: str,
+    exp_id: int | None, value: float | None, assignments: str,
+) -> UserEvent:  # fmt: skip
+    """A stored event_logs row as the rollups see it (used by the rebuild and by `abstream verify`)."""
+    attribution = tuple((int(a["experiment_id"]), int(a["variant_id"])) for a in orjson.loads(assignments or "[]"))
+    return UserEvent(event_id, name, kind, int(t_ms), int(recv_ms), platform, version, exp_id, value, attribution)
+
+
+def _ms_or_none(sent_at: Any, received: int, skew_ms: int | None) -> int | None:
+    """sent_at in epoch ms (received - skew), or None without sent_at."""
+    if sent_at is None or skew_ms is None:
+        return None
+    return received - skew_ms
+
+
+__all__ = ["MS_PER_DAY", "EPOCH", "Pipeline", "event_from_log", "rollup_row"]
