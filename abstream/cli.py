@@ -73,6 +73,22 @@ def cmd_dev(args: argparse.Namespace) -> int:
     return run_dev(settings, workers=args.workers)
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from stream_workers.verify import run
+
+    return run(_settings(args))
+
+
+BENCHMARKS = ("ingest", "assign", "bucketing", "validation")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = importlib.import_module(f"abstream.bench.{args.benchmark}")
+    return int(module.main(args.bench_args) or 0)
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     current = Settings.from_env().as_env()
     for env, default, doc in settings_table():
@@ -123,6 +139,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-web-port", type=int, help="default: ABSTREAM_WORKER_WEB_PORT or 6066")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--data-dir", help="default: ABSTREAM_DATA_DIR or ./.abstream-data")
+
+    add(
+        "verify",
+        cmd_verify,
+        "Recompute every rollup from event_logs and assignments in ClickHouse and print any difference.",
+    )
+
+    p = add(
+        "bench",
+        cmd_bench,
+        "Run a benchmark and print its figures (ingest, assign: a private broker + gateway under load; "
+        "bucketing, validation: in-process). `abstream bench NAME --help` lists its options.",
+    )
+    p.add_argument("benchmark", choices=BENCHMARKS, help="which benchmark")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="options passed to that benchmark")
 
     add("config", cmd_config, "Print every setting, its environment variable, value and default.")
     return parser

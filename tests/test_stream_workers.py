@@ -1,0 +1,342 @@
+"""The stream workers through the real path: HTTP in, Kafka, Faust workers, ClickHouse out.
+
+Each test gets its own topics and database (the `settings` fixture), runs migrations, and starts the
+gateway and worker processes it needs.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from abstream.clickhouse import client as ch_client
+from abstream.config import Settings
+from abstream.devstack.ports import free_port
+from abstream.devstack.supervisor import Child, abstream_argv, http_ok, wait_healthy
+from abstream.migrate import migrate
+from stream_workers.verify import actual_totals, differences, expected_totals
+from tests.stack import app_process, log_dir
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+
+def scalar(settings: Settings, sql: str, **params: Any) -> Any:
+    c = ch_client(settings)
+    try:
+        return c.query(sql, parameters=params).result_rows[0][0]
+    finally:
+        c.close()
+
+
+def rows(settings: Settings, sql: str, **params: Any) -> list[tuple[Any, ...]]:
+    c = ch_client(settings)
+    try:
+        return list(c.query(sql, parameters=params).result_rows)
+    finally:
+        c.close()
+
+
+def assert_verify_clean(settings: Settings) -> None:
+    diffs = differences(expected_totals(settings), actual_totals(settings))
+    assert diffs == [], "\n".join(diffs[:20])
+
+
+def now_iso(offset_s: float = 0) -> str:
+    return (datetime.now(UTC) + timedelta(seconds=offset_s)).isoformat()
+
+
+def post_events(base: str, user: str, names: list[str], ids: list[str] | None = None, **extra: Any) -> dict:
+    events = [
+        {"event_name": n, "occurred_at": now_iso(-60 + i), **({"event_id": ids[i]} if ids else {})}
+        for i, n in enumerate(names)
+    ]
+    body = {"anonymous_user_id": user, "platform": "ios", "app_version": "1.2.0", "events": events, **extra}
+    r = httpx.post(f"{base}/v1/events", json=body, timeout=15)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.fixture
+def stack(settings: Settings) -> Iterator[tuple[Settings, str]]:
+    migrate(settings, log=False)
+    with app_process("gateway", settings, log_dir()) as gw, app_process("worker", settings, log_dir()):
+        yield settings, gw.address
+
+
+def test_events_assignments_and_rollups_end_to_end(stack: tuple[Settings, str]) -> None:
+    settings, base = stack
+    users = [f"u-{uuid.uuid4().hex[:8]}" for _ in range(12)]
+    variants: dict[str, dict[int, int]] = {}
+    for user in users:
+        for _ in range(2):  # a repeated assignment call is recorded once downstream
+            r = httpx.post(f"{base}/v1/assignment", json={"anonymous_user_id": user, "platform": "ios",
+                                                           "app_version": "1.2.0"}, timeout=10)  # fmt: skip
+            assert r.status_code == 200, r.text
+        variants[user] = {a["experiment_id"]: a["variant_id"] for a in r.json()["assignments"]}
+    funnel_steps = ["app_open", "workout_started", "session_submitted"]
+    expected_events = Counter()
+    for i, user in enumerate(users):
+        names = funnel_steps[: 1 + i % 3] + ["app_open"] * (i % 2)
+        post_events(base, user, names)
+        expected_events.update(names)
+    r = httpx.post(f"{base}/apiv1/ab-tests/3/track", json={"user_id": users[0], "metric_name": "revenue",
+                                                             "value": 9.5}, timeout=10)  # fmt: skip
+    assert r.status_code == 200, r.text
+    bad = httpx.post(f"{base}/v1/events", json={"anonymous_user_id": users[0],
+                                                "events": [{"event_name": "bad name!", "occurred_at": now_iso()}]})
+    assert bad.status_code in (200, 400), bad.text
+    total = sum(expected_events.values()) + 1
+    wait_for(lambda: scalar(settings, "SELECT count() FROM event_logs FINAL") == total, what="event_logs rows")
+    wait_for(lambda: scalar(settings, "SELECT count() FROM rejected_events") == 1, what="rejected_events row")
+
+    # assignments: exactly one row per (user, experiment), the variant the gateway answered
+    got = rows(settings, "SELECT user_id, experiment_id, variant_id FROM assignments")
+    assert sorted(got) == sorted((u, e, v) for u, m in variants.items() for e, v in m.items())
+
+    # enrichment: every event of an assigned user carries its variants
+    for user in users[:3]:
+        maps = rows(settings, "SELECT DISTINCT experiment_map FROM event_logs FINAL WHERE user_id = {u:String} "
+                              "AND kind = 'event'", u=user)  # fmt: skip
+        assert len(maps) == 1
+        assert set(maps[0][0]) == {"exp_3_landing_journey", "exp_4_achievements_density"}
+
+    # experiment rollups: per variant, users and events of app_open
+    def metric_rows() -> dict[int, tuple[int, int]]:
+        return {v: (u, c) for v, u, c in rows(
+            settings, "SELECT variant_id, users_with_metric, event_count FROM experiment_metric_rollups "
+                      "WHERE experiment_id = 4 AND metric = 'app_open'")}  # fmt: skip
+
+    expected_m: dict[int, list[int]] = {}
+    for i, user in enumerate(users):
+        v = variants[user][4]
+        n_open = 1 + (i % 2)
+        acc = expected_m.setdefault(v, [0, 0])
+        acc[0] += 1
+        acc[1] += n_open
+    wait_for(lambda: metric_rows() == {v: tuple(x) for v, x in expected_m.items()}, what="experiment rollups")
+    exposed = dict(rows(settings, "SELECT variant_id, sum(users) FROM experiment_exposures WHERE experiment_id = 4 "
+                                  "GROUP BY variant_id"))  # fmt: skip
+    assert exposed == dict(Counter(variants[u][4] for u in users))
+    revenue = rows(settings, "SELECT variant_id, sum_x, n FROM experiment_metric_rollups "
+                             "WHERE experiment_id = 3 AND metric = 'revenue'")  # fmt: skip
+    assert revenue == [(variants[users[0]][3], 9.5, 1)]
+
+    # daily rollups: totals per event name
+    daily = dict(rows(settings, "SELECT event_name, events FROM daily_metric_rollups WHERE platform = '*'"))
+    assert {k: v for k, v in daily.items() if k != "revenue"} == dict(expected_events)
+    uniques = scalar(settings, "SELECT unique_users FROM daily_metric_rollups WHERE platform = '*' "
+                               "AND event_name = 'app_open'")  # fmt: skip
+    assert uniques == len(users)
+
+    # funnel: users reaching each step (all users row)
+    funnel = dict(rows(settings, "SELECT step, users FROM funnel_rollups WHERE experiment_id = 0"))
+    assert funnel == {1: 12, 2: 8, 3: 4}
+    assert scalar(settings, "SELECT count() FROM rollup_runs") > 0
+    assert_verify_clean(settings)
+
+
+def test_late_assignment_re_enriches_events_received_after_it(stack: tuple[Settings, str]) -> None:
+    """An assignment made by another surface reaches the worker after an event received later than it."""
+    import asyncio
+
+    from aiokafka import AIOKafkaProducer
+
+    from schemas.experiments import AssignmentRecord
+
+    settings, base = stack
+    late, early = f"late-{uuid.uuid4().hex[:6]}", f"early-{uuid.uuid4().hex[:6]}"
+    assigned_at = int(time.time() * 1000) - 5_000
+    post_events(base, late, ["app_open"])  # received after assigned_at
+    post_events(base, early, ["app_open"])
+    wait_for(lambda: scalar(settings, "SELECT count() FROM event_logs FINAL") == 2, what="events")
+
+    async def publish() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers)
+        await producer.start()
+        for user, at in ((late, assigned_at), (early, int(time.time() * 1000) + 60_000)):
+            record = AssignmentRecord(
+                user_id=user, experiment_key="exp_4_achievements_density", experiment_id=4, variant_key="B",
+                variant_id=4002, phase=1, assignment_version="test", assigned_at=at, surface="apiv1",
+            )  # fmt: skip
+            await producer.send_and_wait(settings.topic("assignments"), record.to_bytes(), key=user.encode())
+        await producer.stop()
+
+    asyncio.run(publish())
+    wait_for(
+        lambda: scalar(settings, "SELECT experiment_map['exp_4_achievements_density'] FROM event_logs FINAL "
+                                 "WHERE user_id = {u:String}", u=late) == "B",
+        what="re-enrichment",
+    )  # fmt: skip
+    # the other user's assignment came after its event was received: that event stays unenriched
+    assert scalar(settings, "SELECT experiment_map FROM event_logs FINAL WHERE user_id = {u:String}", u=early) == {}
+    wait_for(lambda: scalar(settings, "SELECT sum(users_with_metric) FROM experiment_metric_rollups "
+                                      "WHERE experiment_id = 4") == 1, what="rollup moved")  # fmt: skip
+    assert_verify_clean(settings)
+
+
+def test_client_retry_is_counted_once_across_gateways(stack: tuple[Settings, str]) -> None:
+    settings, base = stack
+    user = f"retry-{uuid.uuid4().hex[:6]}"
+    ids = [uuid.uuid4().hex for _ in range(3)]
+    with app_process("gateway", settings, log_dir()) as other:
+        post_events(base, user, ["app_open", "workout_started", "app_open"], ids)
+        post_events(other.address, user, ["app_open", "workout_started", "app_open"], ids)
+    wait_for(lambda: scalar(settings, "SELECT count() FROM rollup_runs") > 1, what="flushes")
+    time.sleep(1.5)
+    assert scalar(settings, "SELECT count() FROM event_logs FINAL") == 3
+    assert scalar(settings, "SELECT events FROM daily_metric_rollups WHERE platform = '*' "
+                            "AND event_name = 'app_open'") == 2  # fmt: skip
+    assert_verify_clean(settings)
+
+
+class Load:
+    """Posts batches of events for many users in a background thread; remembers what was acknowledged."""
+
+    def __init__(self, base: str, users: int = 40) -> None:
+        self.base = base
+        self.users = [f"load-{uuid.uuid4().hex[:8]}" for _ in range(users)]
+        self.accepted = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.errors: list[str] = []
+
+    def _run(self) -> None:
+        names = ["app_open", "workout_started", "session_submitted", "screen_view"]
+        with httpx.Client(timeout=15) as http:
+            while not self.stop.is_set():
+                user = random.choice(self.users)
+                events = [{"event_name": random.choice(names), "occurred_at": now_iso(-random.randint(0, 3000)),
+                           "event_id": uuid.uuid4().hex} for _ in range(random.randint(1, 20))]  # fmt: skip
+                try:
+                    r = http.post(f"{self.base}/v1/events", json={"anonymous_user_id": user, "events": events})
+                except httpx.HTTPError as exc:
+                    self.errors.append(repr(exc))
+                    continue
+                if r.status_code == 200:
+                    self.accepted += r.json()["accepted"] - r.json()["duplicates"]
+                time.sleep(0.01)
+
+    def __enter__(self) -> Load:
+        for user in self.users[::3]:
+            httpx.post(f"{self.base}/v1/assignment", json={"anonymous_user_id": user}, timeout=10)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(30)
+
+
+def start_worker(settings: Settings, name: str) -> Child:
+    port = free_port()
+    child = Child(name, abstream_argv("worker", "--web-port", str(port)), f"http://127.0.0.1:{port}",
+                  lambda: http_ok(f"http://127.0.0.1:{port}/health"), log_path=log_dir() / f"{name}-{port}.log")  # fmt: skip
+    child.start(settings.as_env())
+    wait_healthy(child, 60)
+    return child
+
+
+def sigkill(child: Child) -> None:
+    assert child.proc is not None
+    os.killpg(child.proc.pid, signal.SIGKILL)
+    child.proc.wait()
+
+
+def test_sigkill_worker_repeatedly_loses_and_doubles_nothing(settings: Settings) -> None:
+    migrate(settings, log=False)
+    with ExitStack() as stack:
+        gw = stack.enter_context(app_process("gateway", settings, log_dir()))
+        load = stack.enter_context(Load(gw.address))
+        worker = start_worker(settings, "victim")
+        try:
+            for _ in range(3):
+                time.sleep(random.uniform(3, 6))
+                sigkill(worker)
+                time.sleep(random.uniform(0.2, 1.5))
+                worker = start_worker(settings, "victim")
+            time.sleep(2)
+        finally:
+            load.stop.set()
+            load.thread.join(30)
+        assert load.accepted > 0 and not load.errors
+        wait_for(lambda: scalar(settings, "SELECT count() FROM event_logs FINAL") == load.accepted, timeout=90,
+                 what=f"{load.accepted} events in event_logs")  # fmt: skip
+        time.sleep(1)
+        assert scalar(settings, "SELECT count() FROM event_logs FINAL") == load.accepted
+        assert scalar(settings, "SELECT count() - uniqExact(user_id, experiment_id) FROM assignments") == 0
+        assert_verify_clean(settings)
+        worker.stop()
+
+
+def test_two_workers_share_partitions_and_fail_over(settings: Settings) -> None:
+    migrate(settings, log=False)
+    with ExitStack() as stack:
+        gw = stack.enter_context(app_process("gateway", settings, log_dir()))
+        first = start_worker(settings, "w1")
+        second = start_worker(settings, "w2")
+        with Load(gw.address) as load:
+            wait_for(lambda: scalar(settings, "SELECT uniqExact(worker) FROM rollup_runs") == 2, timeout=60,
+                     what="both workers flushing")  # fmt: skip
+            sigkill(first)
+            time.sleep(8)
+        wait_for(lambda: scalar(settings, "SELECT count() FROM event_logs FINAL") == load.accepted, timeout=90,
+                 what=f"{load.accepted} events in event_logs")  # fmt: skip
+        assert_verify_clean(settings)
+        second.stop()
+
+
+def test_clickhouse_outage_delays_but_loses_nothing(settings: Settings, tmp_path: Path) -> None:
+    """A private ClickHouse endpoint is stopped under load, then restarted on the same data."""
+    from dataclasses import replace
+
+    port = free_port()
+
+    def endpoint() -> Child:
+        child = Child("clickhouse", abstream_argv("clickhouse-local", "--port", str(port), "--path",
+                                                  str(tmp_path / "ch")),
+                      f"http://127.0.0.1:{port}", lambda: http_ok(f"http://127.0.0.1:{port}/ping"),
+                      log_path=log_dir() / f"ch-{port}.log")  # fmt: skip
+        child.start({})
+        wait_healthy(child, 60)
+        return child
+
+    ch = endpoint()
+    settings = replace(settings, clickhouse_url=f"http://default:@127.0.0.1:{port}")
+    migrate(settings, log=False)
+    with ExitStack() as stack:
+        gw = stack.enter_context(app_process("gateway", settings, log_dir()))
+        worker = start_worker(settings, "ch-outage")
+        with Load(gw.address) as load:
+            time.sleep(3)
+            ch.stop()
+            time.sleep(8)
+            ch = endpoint()
+            time.sleep(2)
+        wait_for(lambda: scalar(settings, "SELECT count() FROM event_logs FINAL") == load.accepted, timeout=90,
+                 what=f"{load.accepted} events in event_logs")  # fmt: skip
+        assert worker.alive(), "the worker must not crash while ClickHouse is away"
+        assert_verify_clean(settings)
+        worker.stop()
+    ch.stop()
