@@ -70,6 +70,7 @@ def run(settings: Settings, web_port: int | None = None) -> None:
     port = web_port or settings.worker_web_port
     asyncio.run(_ensure_topics(settings))
     app = agents.build(settings)
-    sys.argv = [sys.argv[0], "worker", "--loglevel", settings.log_level.lower(), "--web-port", str(port),
+    level = {"warning": "warn", "critical": "crit"}.get(settings.log_level.lower(), settings.log_level.lower())
+    sys.argv = [sys.argv[0], "worker", "--loglevel", level, "--web-port", str(port),
                 "--web-host", "127.0.0.1"]
     app.main()
