@@ -79,7 +79,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return run(_settings(args))
 
 
-BENCHMARKS = ("ingest", "assign", "bucketing", "validation")
+BENCHMARKS = ("ingest", "assign", "bucketing", "validation", "worker")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

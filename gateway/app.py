@@ -5,7 +5,9 @@ Thin by design: validate, assign, publish to Kafka, answer. It never writes Clic
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from importlib.metadata import PackageNotFoundError, version
@@ -61,6 +63,31 @@ async def health_ready(request: Request) -> Response:
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
+GC_THRESHOLDS = (20_000, 20, 20)
+"""The gateway's garbage-collector thresholds (Python's default is 700, 10, 10). Measured under
+``abstream bench ingest`` (2-core box): every in-flight /v1/events request keeps a few hundred containers alive
+across its Kafka await, so with the defaults they survived into the old generations and set off ~2-3 full
+collections per second, 20-60 ms each (~20 % of the gateway's CPU, and its p99). With these thresholds and
+the start-up heap frozen (:func:`_tune_gc`): ~2 young collections per second, no full ones; gateway CPU per
+50-event request 1.01 -> 0.74 ms, p99 at maximum rate 92 -> 44 ms. Young collections count survivors only,
+so short-lived objects (an assignment request's) hardly ever trigger one."""
+
+
+async def _tune_gc(app: Starlette) -> None:
+    """Set :data:`GC_THRESHOLDS`; once ready (every lazy import done, the registry loaded), move what is alive
+    into the permanent generation, so that no collection traverses the ~60,000 objects of the modules again.
+    Runs in the lifespan, so every server process (uvicorn workers included) does it."""
+    gc.set_threshold(*GC_THRESHOLDS)
+    core: GatewayCore = app.state.core
+    await core.publisher.wait_ready()
+    while not core.registry.ready:  # noqa: ASYNC110 - the registry exposes no awaitable readiness
+        if core.registry.startup_error:
+            return
+        await asyncio.sleep(0.2)
+    gc.collect()
+    gc.freeze()
+
+
 async def openapi(request: Request) -> Response:
     return JSONResponse(request.app.state.openapi)
 
@@ -75,9 +102,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
         app.state.core = GatewayCore(settings, publisher, registry)
         await registry.start()  # a malformed tests.json stops start-up here
         await publisher.start()
+        settle_gc = asyncio.create_task(_tune_gc(app), name="gc-tuning")
         try:
             yield
         finally:
+            settle_gc.cancel()
             await registry.stop()
             await publisher.stop()
 

@@ -33,6 +33,13 @@ def unavailable(reason: str) -> ApiError:
     )
 
 
+def invalid_body(message: str) -> ApiError:
+    """400 for a body of the wrong JSON type, naming ``body`` in details like every other 400."""
+    return ApiError(
+        400, "invalid_body", f"body {message}", [{"field": "body", "code": "invalid_body", "message": message}]
+    )
+
+
 class GatewayCore:
     def __init__(self, settings: Settings, publisher: Publisher, registry: Registry) -> None:
         self.settings = settings
@@ -63,10 +70,9 @@ class GatewayCore:
     def experiment(self, test_id: str) -> Experiment:
         """The experiment behind an ArkForge ``{test_id}``: 404 when unknown (ids are integers)."""
         self.require_registry()
-        try:
-            experiment_id = int(test_id)
-        except ValueError:
-            raise ApiError(404, "test_not_found", f"no test with id {test_id!r}") from None
+        if not (test_id.isascii() and test_id.isdigit()):  # int() alone also takes " 3", "+3", "1_0", "٣"
+            raise ApiError(404, "test_not_found", f"no test with id {test_id!r}")
+        experiment_id = int(test_id)
         experiment = self.registry.state.by_id(experiment_id)
         if experiment is None:
             raise ApiError(404, "test_not_found", f"no test with id {experiment_id}")
@@ -92,7 +98,7 @@ class GatewayCore:
     async def assign_v1(self, payload: Any) -> dict[str, Any]:
         """POST /v1/assignment: every eligible RUNNING experiment, merged config, records published first."""
         if not isinstance(payload, dict):
-            raise ApiError(400, "invalid_body", "body must be a JSON object with anonymous_user_id")
+            raise invalid_body("must be a JSON object with anonymous_user_id")
         try:
             request = AssignmentRequest.model_validate(payload, context={"settings": self.settings})
         except ValidationError as exc:
@@ -109,7 +115,7 @@ class GatewayCore:
         """POST /apiv1/ab-tests/{test_id}/assign: this user's variant of one test, the same on every call."""
         experiment = self.experiment(test_id)
         if not isinstance(payload, dict):
-            raise ApiError(400, "invalid_body", "body must be a JSON object with user_id")
+            raise invalid_body("must be a JSON object with user_id")
         try:
             request = ABAssignRequest.model_validate(payload, context={"settings": self.settings})
         except ValidationError as exc:

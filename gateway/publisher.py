@@ -4,6 +4,12 @@ The gateway answers 2xx for an event only after Kafka acknowledged it (acks=all)
 unreachable or slower than ABSTREAM_PRODUCE_TIMEOUT_S, ``publish`` raises ``KafkaUnavailable`` and
 the route answers 503 with Retry-After; the producer keeps reconnecting, so ingestion resumes
 without a gateway restart.
+
+Topics that vanish are re-created (``ensure_topics``): after any failed publish, before the next one,
+and when a once-a-second metadata check finds one missing (a broker restarted while this gateway was
+idle). Kafka answers UnknownTopicOrPartition for a topic it does not have (the publish times out and
+the next one creates it); the embedded tansu, which keeps nothing across a restart, acknowledges
+records for a topic it does not have and drops them: without this, a 2xx for events stored nowhere.
 """
 
 from __future__ import annotations
@@ -18,11 +24,13 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import RecordMetadata
 
 from abstream.config import Settings
-from abstream.kafka import ensure_topics, producer_settings
+from abstream.kafka import ensure_topics, producer_settings, topic_specs
 
 log = logging.getLogger(__name__)
 
 Message = tuple[str, bytes | None, bytes]  # (topic, key, value)
+
+TOPIC_CHECK_INTERVAL_S = 1.0
 
 
 class KafkaUnavailable(Exception):
@@ -34,7 +42,10 @@ class Publisher:
         self.settings = settings
         self._producer: AIOKafkaProducer | None = None
         self._connect_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        self._topics_checked = True  # set False by a failed publish: re-create missing topics first
+        self._topics_lock = asyncio.Lock()
 
     @property
     def ready(self) -> bool:
@@ -64,7 +75,22 @@ class Publisher:
             self._producer = producer
             self._ready.set()
             log.info("connected to Kafka at %s", self.settings.kafka_bootstrap_servers)
+            self._watch_task = asyncio.create_task(self._watch_topics(producer), name="kafka-topics")
             return
+
+    async def _watch_topics(self, producer: AIOKafkaProducer) -> None:
+        """Notice topics gone missing while no publish failed (the broker restarted empty meanwhile)."""
+        wanted = {spec.name for spec in topic_specs(self.settings)}
+        while True:
+            await asyncio.sleep(TOPIC_CHECK_INTERVAL_S)
+            try:
+                cluster = await producer.client.fetch_all_metadata()  # lists topics, creates none
+                if wanted - cluster.topics():
+                    self._topics_checked = False
+                    await self._recreate_topics()
+            except Exception as exc:  # noqa: BLE001 - keep watching whatever the broker does
+                self._topics_checked = False
+                log.debug("Kafka topic check failed: %s", exc)
 
     async def publish(self, messages: Sequence[Message], return_metadata: bool = False) -> list[RecordMetadata]:
         """Send every message and wait until Kafka acknowledged all of them, or raise KafkaUnavailable."""
@@ -73,16 +99,28 @@ class Publisher:
             raise KafkaUnavailable("not connected to Kafka yet")
         try:
             async with asyncio.timeout(self.settings.kafka_produce_timeout_s):
+                if not self._topics_checked:
+                    await self._recreate_topics()
                 futures = [await producer.send(topic, value, key=key) for topic, key, value in messages]
                 metadata = await asyncio.gather(*futures)
         except (TimeoutError, KafkaError, OSError) as exc:
+            self._topics_checked = False
             raise KafkaUnavailable(f"Kafka did not acknowledge: {type(exc).__name__}: {exc}") from exc
         return list(metadata) if return_metadata else []
 
+    async def _recreate_topics(self) -> None:
+        """Once after a failure (concurrent publishes wait for the first one): create the topics that are missing."""
+        async with self._topics_lock:
+            if not self._topics_checked:
+                await ensure_topics(self.settings)
+                self._topics_checked = True
+                log.info("Kafka topics checked after a failure")
+
     async def stop(self) -> None:
-        if self._connect_task is not None:
-            self._connect_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._connect_task
+        for task in (self._connect_task, self._watch_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         if self._producer is not None:
             await self._producer.stop()

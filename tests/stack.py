@@ -106,7 +106,7 @@ def isolated_settings(infra: Infra, **overrides: object) -> Settings:
         "clickhouse_database": f"t_{tag}",
         "kafka_topic_prefix": f"t{tag}.",
         "admin_token": "",
-        "log_level": "WARNING",
+        "log_level": os.environ.get("ABSTREAM_TEST_LOG_LEVEL", "WARNING"),
     }
     values.update(overrides)
     return Settings.from_env(**values)
