@@ -108,6 +108,19 @@ class Settings:
     dedup_cache_size: int = _setting(
         "ABSTREAM_DEDUP_CACHE_SIZE", 200_000, "event_ids each gateway process remembers to flag retries."
     )
+    # --- stream workers ---
+    worker_flush_rows: int = _setting(
+        "ABSTREAM_WORKER_FLUSH_ROWS", 20_000, "Buffered event rows that make a worker write to ClickHouse at once."
+    )
+    worker_flush_interval_s: float = _setting(
+        "ABSTREAM_WORKER_FLUSH_INTERVAL_S", 0.25, "Longest a worker holds rows before writing (freshness)."
+    )
+    dedup_window_s: int = _setting(
+        "ABSTREAM_DEDUP_WINDOW_S", 86_400, "How long workers remember written event_ids to drop client retries."
+    )
+    enrich_lookback_s: int = _setting(
+        "ABSTREAM_ENRICH_LOOKBACK_S", 300, "How long a late assignment can still re-enrich events already written."
+    )
     log_level: str = _setting("ABSTREAM_LOG_LEVEL", "INFO", "Log level of every abstream process.")
 
     @classmethod

@@ -25,9 +25,6 @@ from stream_workers.sink import ClickHouseWriter
 
 log = logging.getLogger(__name__)
 
-FLUSH_INTERVAL_S = 0.25
-
-
 class CopySink:
     """Append-only copy of one topic into ClickHouse tables, resuming after the offsets already written."""
 
@@ -176,7 +173,7 @@ def build(settings: Settings) -> faust.App:
         async for event in s.events():
             await registry.handle(s, event)
 
-    @app.timer(interval=FLUSH_INTERVAL_S)
+    @app.timer(interval=settings.worker_flush_interval_s)
     async def flush() -> None:
         await pipeline.flush()
         await rejected.flush()

@@ -48,10 +48,7 @@ from stream_workers.sink import ASSIGNMENT_COLUMNS, EVENT_LOG_COLUMNS, ClickHous
 
 log = logging.getLogger(__name__)
 
-FLUSH_ROWS = 20_000
-DEDUP_WINDOW_MS = 24 * 3600 * 1000
-LOOKBACK_MS = 300_000
-RECENT_PER_USER = 500
+RECENT_PER_USER = 500  # events per user kept for re-enrichment (within ABSTREAM_ENRICH_LOOKBACK_S)
 
 
 @dataclass(slots=True)
@@ -96,6 +93,9 @@ class Pipeline:
         self.settings = settings
         self.app = app
         self.writer = writer
+        self.flush_rows = settings.worker_flush_rows
+        self.dedup_window_ms = settings.dedup_window_s * 1000
+        self.lookback_ms = settings.enrich_lookback_s * 1000
         self.events_topic = settings.topic(TOPIC_EVENTS)
         self.assignments_topic = settings.topic(TOPIC_ASSIGNMENTS)
         self.partitions: dict[int, PartitionState] = {}
@@ -197,7 +197,7 @@ class Pipeline:
         for user_id, event_id, name, kind, t_ms, recv_ms, platform, version, exp_id, value, assignments in rows:
             ev = event_from_log(event_id, name, kind, t_ms, recv_ms, platform, version, exp_id, value, assignments)
             part.user(user_id).add_event(ev, self.funnels)
-            if recv_ms >= now_ms - DEDUP_WINDOW_MS:
+            if recv_ms >= now_ms - self.dedup_window_ms:
                 part.seen[(user_id, event_id)] = recv_ms
         for user_id, user in part.users.items():
             contrib = contribution(user, self.funnels)
@@ -254,7 +254,7 @@ class Pipeline:
         else:
             self._on_assignment(part, message.offset, message.value)
             part.assignments_next = message.offset + 1
-        if sum(len(p.event_rows) for p in self.partitions.values()) >= FLUSH_ROWS:
+        if sum(len(p.event_rows) for p in self.partitions.values()) >= self.flush_rows:
             # Blocks while ClickHouse is away (the writer retries): the agent stops consuming meanwhile.
             await self.flush()
 
@@ -329,9 +329,10 @@ class Pipeline:
             rec.get("surface") or "", part.partition, offset,
         ])  # fmt: skip
         # re-enrich recent events received at or after this assignment (they arrived before it did)
+        horizon = int(time.time() * 1000) - self.lookback_ms
         for item in part.recent.get(user_id, ()):
             ev = item.event
-            if ev.received_at_ms < a.assigned_at_ms:
+            if ev.received_at_ms < a.assigned_at_ms or ev.received_at_ms < horizon:
                 continue
             attrib = user.attribution_for(ev.received_at_ms)
             attribution = tuple((x.experiment_id, x.variant_id) for x in attrib)
@@ -432,9 +433,9 @@ class Pipeline:
         now_ms = int(time.time() * 1000)
         for p in self.partitions.values():
             if len(p.seen) > 100_000:
-                cutoff = now_ms - DEDUP_WINDOW_MS
+                cutoff = now_ms - self.dedup_window_ms
                 p.seen = {k: v for k, v in p.seen.items() if v >= cutoff}
-            cutoff = now_ms - LOOKBACK_MS
+            cutoff = now_ms - self.lookback_ms
             for user_id in [u for u, d in p.recent.items() if not d or d[-1].event.received_at_ms < cutoff]:
                 del p.recent[user_id]
 
