@@ -14,10 +14,11 @@ from gateway.endpoints import Endpoint
 from gateway.http import JSONResponse, note_user, read_json
 from gateway.ingest import ingest_apiv1_batch, ingest_apiv1_one, ingest_track
 from gateway.publisher import KafkaUnavailable
+from gateway.results import experiment_results
 from schemas.errors import ApiError, ErrorResponse, validation_failed
 from schemas.events import ApiV1Event, ApiV1EventBatch, IngestResponse, TrackRequest
 from schemas.experiments import ABAssignRequest, ABAssignResponse, ABTestCreate, ABTestOut
-from schemas.registry import ExperimentEdit
+from schemas.registry import ABTestResults, ExperimentEdit
 
 
 def _core(request: Request) -> GatewayCore:
@@ -118,8 +119,8 @@ async def edit_test(request: Request) -> Response:
 
 async def get_results(request: Request) -> Response:
     core = _core(request)
-    core.experiment(request.path_params["test_id"])
-    raise ApiError(501, "not_implemented", "results are computed from the stream rollups, which are not built yet")
+    experiment = core.experiment(request.path_params["test_id"])
+    return JSONResponse(await experiment_results(core.settings, experiment))
 
 
 ERRORS = {400: ErrorResponse, 413: ErrorResponse, 415: ErrorResponse, 503: ErrorResponse}
@@ -146,6 +147,7 @@ ENDPOINTS = [
              request=ABAssignRequest, responses={200: ABAssignResponse, 404: ErrorResponse, **ERRORS}),
     Endpoint("POST", "/apiv1/ab-tests/{test_id}/track", post_track, "Track a metric value for a user", "arkforge",
              request=TrackRequest, responses={200: IngestResponse, 404: ErrorResponse, **ERRORS}),
-    Endpoint("GET", "/apiv1/ab-tests/{test_id}/results", get_results, "Results of a test (not built yet: 501)",
-             "arkforge", responses={404: ErrorResponse, 501: ErrorResponse}),
+    Endpoint("GET", "/apiv1/ab-tests/{test_id}/results", get_results,
+             "Results: exposures and metrics per variant, each compared with the control", "arkforge",
+             responses={200: ABTestResults, 404: ErrorResponse, 503: ErrorResponse}),
 ]  # fmt: skip

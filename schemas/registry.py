@@ -107,3 +107,41 @@ class ExperimentEdit(BaseModel):
         elif self.hash_seed is not None:
             data["hash_seed"] = self.hash_seed
         return Experiment.model_validate(data)
+
+
+class VsControl(BaseModel):
+    difference: float | None = Field(description="conversion rate minus the control's")
+    ci95_low: float | None
+    ci95_high: float | None
+    p_value: float | None = Field(description="two-sided two-proportion z-test against the control")
+
+
+class MetricResult(BaseModel):
+    users: int = Field(description="exposed users of the variant with at least one such event")
+    events: int
+    value_sum: float = Field(description="sum of tracked values (tracked metrics)")
+    kind: Literal["event", "tracked"]
+    conversion_rate: float | None = Field(description="users / exposed users")
+    mean_per_exposed_user: float | None = Field(description="events (or tracked value) per exposed user")
+    vs_control: VsControl | None = None
+
+
+class VariantResult(BaseModel):
+    variant_id: int
+    variant_name: str
+    variant_key: str
+    is_control: bool
+    exposed_users: int
+    metrics: dict[str, MetricResult]
+
+
+class ABTestResults(BaseModel):
+    """Answer of GET /apiv1/ab-tests/{test_id}/results."""
+
+    test_id: int
+    test_name: str
+    status: str
+    phase: int
+    control_variant_id: int
+    total_exposed_users: int
+    variants: list[VariantResult]

@@ -6,6 +6,7 @@ Agents live in their own modules (enrichment, sink, rollups) and register on ``a
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 
@@ -15,6 +16,8 @@ from aiohttp.web import Response
 from abstream.config import Settings
 
 log = logging.getLogger(__name__)
+
+GC_THRESHOLDS = (50_000, 50, 100)
 
 
 def create_app(settings: Settings) -> faust.App:
@@ -69,6 +72,12 @@ def run(settings: Settings, web_port: int | None = None) -> None:
 
     port = web_port or settings.worker_web_port
     asyncio.run(_ensure_topics(settings))
+    # The worker keeps every buffered row (lists holding the parsed event dicts) alive until it is
+    # written, so with Python's default thresholds (700, 10, 10) the collector ran full passes over
+    # hundreds of thousands of containers several times a second. Measured on the pipeline alone
+    # (200,000 events in 50-event records): 69k events/s with the defaults, 180k with these.
+    gc.set_threshold(*GC_THRESHOLDS)
+    gc.freeze()  # what start-up allocated is never garbage: keep it out of every collection
     app = agents.build(settings)
     level = {"warning": "warn", "critical": "crit"}.get(settings.log_level.lower(), settings.log_level.lower())
     sys.argv = [sys.argv[0], "worker", "--loglevel", level, "--web-port", str(port),

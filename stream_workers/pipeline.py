@@ -42,21 +42,23 @@ from faust.types import TP
 
 from abstream.config import TOPIC_ASSIGNMENTS, TOPIC_EVENTS, Settings
 from schemas.events import decode_record
-from schemas.experiments import Funnel, load_manifest
-from stream_workers.rollups import MS_PER_DAY, Assignment, Key, Stats, Totals, UserEvent, UserState, contribution
+from schemas.experiments import load_manifest
+from stream_workers.rollups import (
+    MS_PER_DAY,
+    Assignment,
+    Funnels,
+    Key,
+    Stats,
+    Totals,
+    UserEvent,
+    UserState,
+    contribution,
+)
 from stream_workers.sink import ASSIGNMENT_COLUMNS, EVENT_LOG_COLUMNS, ClickHouseWriter
 
 log = logging.getLogger(__name__)
 
 RECENT_PER_USER = 500  # events per user kept for re-enrichment (within ABSTREAM_ENRICH_LOOKBACK_S)
-
-
-@dataclass(slots=True)
-class Recent:
-    """An event still in memory, so a late assignment can re-enrich it."""
-
-    event: UserEvent
-    row: list[Any]
 
 
 @dataclass
@@ -66,7 +68,8 @@ class PartitionState:
     contrib: dict[str, dict[Key, Stats]] = field(default_factory=dict)
     totals: Totals = field(default_factory=Totals)
     seen: dict[tuple[str, str], int] = field(default_factory=dict)
-    recent: dict[str, deque[Recent]] = field(default_factory=dict)
+    # per user: (event, its last written row), so a late assignment can re-enrich it
+    recent: dict[str, deque[tuple[UserEvent, list[Any]]]] = field(default_factory=dict)
     events_written: int = -1  # highest events offset whose rows are in ClickHouse
     assignments_written: int = -1
     events_next: int = 0  # next offsets to be reflected in the totals (the rollup version)
@@ -99,7 +102,7 @@ class Pipeline:
         self.events_topic = settings.topic(TOPIC_EVENTS)
         self.assignments_topic = settings.topic(TOPIC_ASSIGNMENTS)
         self.partitions: dict[int, PartitionState] = {}
-        self.funnels: list[Funnel] = list(load_manifest(settings.manifest_path).funnels)
+        self.funnels = Funnels(load_manifest(settings.manifest_path).funnels)
         self.table = app.Table("user_assignments", default=dict, partitions=settings.kafka_partitions)
         self.flush_lock = asyncio.Lock()
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
@@ -274,36 +277,52 @@ class Pipeline:
         if recent is None:
             recent = part.recent[user_id] = deque(maxlen=RECENT_PER_USER)
         surface = rec["surface"]
+        partition = part.partition
+        seen = part.seen
+        rows = part.event_rows
+        funnels = self.funnels
+        add_event = user.add_event
+        watermark = part.watermark_ms or 0
         changed = False
         for ev in rec["events"]:
-            key = (user_id, ev["event_id"])
-            if key in part.seen:
+            event_id = ev["event_id"]
+            key = (user_id, event_id)
+            if key in seen:
                 continue
-            part.seen[key] = received
-            t_ms = ev["corrected_at_ms"] if ev["corrected_at_ms"] is not None else ev["occurred_at_ms"]
+            seen[key] = received
+            corrected = ev["corrected_at_ms"]
+            occurred = ev["occurred_at_ms"]
+            t_ms = occurred if corrected is None else corrected
             exp_id = ev["experiment_id"]
-            metric_exp = int(exp_id) if exp_id is not None else None
-            user_event = UserEvent(
-                ev["event_id"], ev["event_name"], ev["kind"], t_ms, received, ev["platform"] or "",
-                ev["app_version"] or "", metric_exp, ev["value"], attribution,
-            )  # fmt: skip
-            user.add_event(user_event, self.funnels)
+            metric_exp = None if exp_id is None else int(exp_id)
+            value = ev["value"]
+            platform = ev["platform"] or ""
+            app_version = ev["app_version"] or ""
+            name = ev["event_name"]
+            kind = ev["kind"]
+            user_event = UserEvent(event_id, name, kind, t_ms, received, platform, app_version, metric_exp,
+                                   value, attribution)  # fmt: skip
+            add_event(user_event, funnels)
             occurred_raw = ev["occurred_at"]
+            skew = ev["skew_ms"]
+            # properties/context go in as JSON objects: ClickHouse stores their text in the String columns
+            # (input_format_json_read_objects_as_strings), so they are serialised once, by orjson.
             row = [
-                ev["event_id"], ev["event_name"], ev["kind"], user_id, ev["session_id"] or "", ev["install_id"] or "",
-                ev["platform"] or "", ev["app_version"] or "", surface, t_ms / 1000, ev["occurred_at_ms"] / 1000,
+                event_id, name, kind, user_id, ev["session_id"] or "", ev["install_id"] or "", platform,
+                app_version, surface, t_ms / 1000, occurred / 1000,
                 "" if occurred_raw is None else str(occurred_raw), received / 1000,
-                _seconds(_ms_or_none(ev["sent_at"], received, ev["skew_ms"])),
-                _seconds(ev["corrected_at_ms"]), ev["skew_ms"], orjson.dumps(ev["properties"]).decode(),
-                orjson.dumps(ev["context"]).decode(), metric_exp, ev["metric_name"] or "",
-                None if ev["value"] is None else float(ev["value"]), *enrichment, part.partition, offset, 1,
+                None if skew is None or ev["sent_at"] is None else (received - skew) / 1000,
+                None if corrected is None else corrected / 1000, skew, ev["properties"], ev["context"],
+                metric_exp, ev["metric_name"] or "", None if value is None else float(value), *enrichment,
+                partition, offset, 1,
             ]  # fmt: skip
-            part.event_rows.append(row)
-            recent.append(Recent(user_event, row))
-            if part.watermark_ms is None or t_ms > part.watermark_ms:
-                part.watermark_ms = t_ms
+            rows.append(row)
+            recent.append((user_event, row))
+            if t_ms > watermark:
+                watermark = t_ms
             changed = True
         if changed:
+            part.watermark_ms = watermark
             self._recontribute(part, user_id, user)
 
     def _on_assignment(self, part: PartitionState, offset: int, value: bytes) -> None:
@@ -330,8 +349,8 @@ class Pipeline:
         ])  # fmt: skip
         # re-enrich recent events received at or after this assignment (they arrived before it did)
         horizon = int(time.time() * 1000) - self.lookback_ms
-        for item in part.recent.get(user_id, ()):
-            ev = item.event
+        recent = part.recent.get(user_id, ())
+        for i, (ev, old_row) in enumerate(recent):
             if ev.received_at_ms < a.assigned_at_ms or ev.received_at_ms < horizon:
                 continue
             attrib = user.attribution_for(ev.received_at_ms)
@@ -341,10 +360,10 @@ class Pipeline:
             user.add_event(ev, self.funnels, -1)
             ev.attribution = attribution
             user.add_event(ev, self.funnels, +1)
-            row = list(item.row)
+            row = list(old_row)
             row[21:24] = enrichment_columns(attrib)
-            row[-1] = item.row[-1] + 1
-            item.row = row
+            row[-1] = old_row[-1] + 1
+            recent[i] = (ev, row)
             part.event_rows.append(row)
         self._recontribute(part, user_id, user)
 
@@ -436,7 +455,7 @@ class Pipeline:
                 cutoff = now_ms - self.dedup_window_ms
                 p.seen = {k: v for k, v in p.seen.items() if v >= cutoff}
             cutoff = now_ms - self.lookback_ms
-            for user_id in [u for u, d in p.recent.items() if not d or d[-1].event.received_at_ms < cutoff]:
+            for user_id in [u for u, d in p.recent.items() if not d or d[-1][0].received_at_ms < cutoff]:
                 del p.recent[user_id]
 
 
@@ -454,7 +473,7 @@ def _seconds(ms: int | None) -> float | None:
     return None if ms is None else ms / 1000
 
 
-def rollup_row(key: Key, stats: Stats, partition: int, version: int, funnels: list[Funnel]) -> list[Any]:
+def rollup_row(key: Key, stats: Stats, partition: int, version: int, funnels: Funnels) -> list[Any]:
     kind = key[0]
     if kind == "m":
         _, exp, variant, metric, day = key
@@ -465,7 +484,8 @@ def rollup_row(key: Key, stats: Stats, partition: int, version: int, funnels: li
         return [exp, variant, day, partition, int(stats[0]), version]
     if kind == "f":
         _, funnel_key, exp, variant, step = key
-        names = next((f.steps for f in funnels if f.key == funnel_key), [])
+        spec = funnels.by_key.get(funnel_key)
+        names = spec.steps if spec else ()
         step_name = names[step - 1] if step - 1 < len(names) else ""
         return [funnel_key, exp, variant, step, step_name, partition, int(stats[0]), version]
     _, day, name, platform, app_version = key
@@ -491,13 +511,6 @@ def event_from_log(
     """A stored event_logs row as the rollups see it (used by the rebuild and by `abstream verify`)."""
     attribution = tuple((int(a["experiment_id"]), int(a["variant_id"])) for a in orjson.loads(assignments or "[]"))
     return UserEvent(event_id, name, kind, int(t_ms), int(recv_ms), platform, version, exp_id, value, attribution)
-
-
-def _ms_or_none(sent_at: Any, received: int, skew_ms: int | None) -> int | None:
-    """sent_at in epoch ms (received - skew), or None without sent_at."""
-    if sent_at is None or skew_ms is None:
-        return None
-    return received - skew_ms
 
 
 __all__ = ["MS_PER_DAY", "Pipeline", "event_from_log", "rollup_row"]

@@ -39,6 +39,29 @@ Key = tuple[Any, ...]
 Stats = list[float]
 
 
+@dataclass(frozen=True, slots=True)
+class FunnelSpec:
+    key: str
+    steps: tuple[str, ...]
+    window_ms: int
+    experiment_keys: frozenset[str]
+
+
+class Funnels:
+    """The manifest's funnels, indexed by event name so counting an event costs one dict lookup."""
+
+    def __init__(self, funnels: Iterable[Funnel]) -> None:
+        self.by_key: dict[str, FunnelSpec] = {
+            f.key: FunnelSpec(f.key, tuple(f.steps), f.conversion_window_seconds * 1000,
+                              frozenset(f.experiment_keys or ()))
+            for f in funnels
+        }  # fmt: skip
+        self.steps_by_name: dict[str, list[tuple[str, int, int]]] = {}
+        for spec in self.by_key.values():
+            for i, name in enumerate(spec.steps):
+                self.steps_by_name.setdefault(name, []).append((spec.key, len(spec.steps), i))
+
+
 @dataclass(slots=True)
 class Assignment:
     experiment_id: int
@@ -98,7 +121,7 @@ class UserState:
             a for _, a in sorted(self.assignments.items()) if a.assigned_at_ms <= received_at_ms
         )
 
-    def add_event(self, ev: UserEvent, funnels: Iterable[Funnel], sign: int = 1) -> None:
+    def add_event(self, ev: UserEvent, funnels: Funnels, sign: int = 1) -> None:
         """Count (sign=1) or uncount (sign=-1) one event in the summaries."""
         day = ev.day
         dkey = (day, ev.event_name, ev.platform, ev.app_version)
@@ -122,21 +145,20 @@ class UserState:
             acc[1] += sign * amount
             if acc[0] == 0:
                 del self.attributed[akey]
-        for funnel in funnels:
-            steps = funnel.steps
-            if ev.event_name not in steps:
-                continue
-            times = self.funnel_times.get(funnel.key)
-            if times is None:
-                times = self.funnel_times[funnel.key] = [[] for _ in steps]
-            for i, name in enumerate(steps):
-                if name == ev.event_name:
-                    if sign > 0:
-                        insort(times[i], ev.event_time_ms)
-                    else:
-                        pos = bisect_left(times[i], ev.event_time_ms)
-                        if pos < len(times[i]) and times[i][pos] == ev.event_time_ms:
-                            times[i].pop(pos)
+        hits = funnels.steps_by_name.get(ev.event_name)
+        if hits:
+            t = ev.event_time_ms
+            for key, n_steps, i in hits:
+                times = self.funnel_times.get(key)
+                if times is None:
+                    times = self.funnel_times[key] = [[] for _ in range(n_steps)]
+                lst = times[i]
+                if sign > 0:
+                    insort(lst, t)
+                else:
+                    pos = bisect_left(lst, t)
+                    if pos < len(lst) and lst[pos] == t:
+                        lst.pop(pos)
 
 
 def funnel_level(times: list[list[int]], window_ms: int) -> int:
@@ -162,7 +184,7 @@ def funnel_level(times: list[list[int]], window_ms: int) -> int:
     return best
 
 
-def contribution(user: UserState, funnels: Iterable[Funnel]) -> dict[Key, Stats]:
+def contribution(user: UserState, funnels: Funnels) -> dict[Key, Stats]:
     """This user's share of every rollup total (see module docstring for the rules)."""
     out: dict[Key, Stats] = {}
     for (exp_id, variant_id, metric, day), (count, value) in user.attributed.items():
@@ -178,21 +200,20 @@ def contribution(user: UserState, funnels: Iterable[Funnel]) -> dict[Key, Stats]
         totals_by_day[(day, name)] = totals_by_day.get((day, name), 0) + count
     for (day, name), count in totals_by_day.items():
         out[("d", day, name, ALL, ALL)] = [count, 1]
-    for funnel in funnels:
-        times = user.funnel_times.get(funnel.key)
-        if not times:
+    for key, times in user.funnel_times.items():
+        spec = funnels.by_key.get(key)
+        if spec is None:
             continue
-        level = funnel_level(times, funnel.conversion_window_seconds * 1000)
+        level = funnel_level(times, spec.window_ms)
         if level == 0:
             continue
         groups = [(0, 0)]
-        keys = set(funnel.experiment_keys or ())
         for exp_id, a in user.assignments.items():
-            if not keys or a.experiment_key in keys:
+            if not spec.experiment_keys or a.experiment_key in spec.experiment_keys:
                 groups.append((exp_id, a.variant_id))
         for exp_id, variant_id in groups:
             for step in range(1, level + 1):
-                out[("f", funnel.key, exp_id, variant_id, step)] = [1]
+                out[("f", key, exp_id, variant_id, step)] = [1]
     return out
 
 

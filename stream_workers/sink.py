@@ -35,6 +35,10 @@ ASSIGNMENT_COLUMNS = [
 ]  # fmt: skip
 
 
+# JSON objects given for String columns are stored as their JSON text (event properties and context).
+INSERT_SETTINGS = {"input_format_json_read_objects_as_strings": 1}
+
+
 class ClickHouseWriter:
     """One async clickhouse-connect client per worker process, with retrying inserts and queries."""
 
@@ -81,7 +85,7 @@ class ClickHouseWriter:
         body = b"\n".join(map(orjson.dumps, rows))
         await self._retry(
             f"insert into {table} ({len(rows)} rows)",
-            lambda c: c.raw_insert(table, list(columns), body, fmt="JSONCompactEachRow"),
+            lambda c: c.raw_insert(table, list(columns), body, fmt="JSONCompactEachRow", settings=INSERT_SETTINGS),
         )
 
     async def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:

@@ -16,7 +16,7 @@ from abstream.clickhouse import client as ch_client
 from abstream.config import Settings
 from schemas.experiments import load_manifest
 from stream_workers.pipeline import Pipeline, event_from_log
-from stream_workers.rollups import Assignment, Key, Stats, Totals, UserState, contribution
+from stream_workers.rollups import Assignment, Funnels, Key, Stats, Totals, UserState, contribution
 
 _EPOCH = date(1970, 1, 1)
 
@@ -46,7 +46,7 @@ def _norm(value: Any) -> Any:
 
 def expected_totals(settings: Settings) -> dict[Key, Stats]:
     """Every rollup total recomputed from event_logs FINAL and assignments."""
-    funnels = list(load_manifest(settings.manifest_path).funnels)
+    funnels = Funnels(load_manifest(settings.manifest_path).funnels)
     client = ch_client(settings)
     users: dict[str, UserState] = {}
     try:

@@ -156,6 +156,21 @@ def test_events_assignments_and_rollups_end_to_end(stack: tuple[Settings, str]) 
     assert scalar(settings, "SELECT count() FROM rollup_runs") > 0
     assert_verify_clean(settings)
 
+    # ArkForge results: exposures per variant and metrics compared with the control
+    r = httpx.get(f"{base}/apiv1/ab-tests/4/results", timeout=10)
+    assert r.status_code == 200, r.text
+    res = r.json()
+    assert res["total_exposed_users"] == len(users)
+    by_variant = {v["variant_id"]: v for v in res["variants"]}
+    assert {k: v["exposed_users"] for k, v in by_variant.items() if v["exposed_users"]} == exposed
+    for variant_id, (n_users, n_events) in expected_m.items():
+        app_open = by_variant[variant_id]["metrics"]["app_open"]
+        assert (app_open["users"], app_open["events"]) == (n_users, n_events)
+        assert app_open["conversion_rate"] == n_users / exposed[variant_id]
+    assert [v["is_control"] for v in res["variants"]] == [True, False]
+    assert "vs_control" in res["variants"][1]["metrics"]["app_open"]
+    assert httpx.get(f"{base}/apiv1/ab-tests/999/results").status_code == 404
+
 
 def test_late_assignment_re_enriches_events_received_after_it(stack: tuple[Settings, str]) -> None:
     """An assignment made by another surface reaches the worker after an event received later than it."""
