@@ -112,31 +112,39 @@ def isolated_settings(infra: Infra, **overrides: object) -> Settings:
     return Settings.from_env(**values)
 
 
-@contextmanager
-def app_process(kind: str, settings: Settings, log_dir: Path, **kw: object) -> Iterator[Child]:
-    """Run `abstream gateway` or `abstream worker` with ``settings`` until the block ends."""
+_APPS = {
+    # kind: (port flag, health path)
+    "gateway": ("--port", "/health/ready"),
+    "worker": ("--web-port", "/health"),
+}
+
+
+def start_app(kind: str, settings: Settings, logs: Path, name: str | None = None, timeout: float = 60) -> Child:
+    """Start `abstream gateway` or `abstream worker` with ``settings`` on a free port; return once healthy."""
+    flag, health = _APPS[kind]
     port = free_port()
-    if kind == "gateway":
-        child = Child(
-            "gateway",
-            abstream_argv("gateway", "--port", str(port)),
-            f"http://127.0.0.1:{port}",
-            lambda: http_ok(f"http://127.0.0.1:{port}/health/ready"),
-            log_path=log_dir / f"gateway-{port}.log",
-        )
-    elif kind == "worker":
-        child = Child(
-            "worker",
-            abstream_argv("worker", "--web-port", str(port)),
-            f"http://127.0.0.1:{port}",
-            lambda: http_ok(f"http://127.0.0.1:{port}/health"),
-            log_path=log_dir / f"worker-{port}.log",
-        )
-    else:
-        raise ValueError(kind)
+    name = name or kind
+    child = Child(
+        name,
+        abstream_argv(kind, flag, str(port)),
+        f"http://127.0.0.1:{port}",
+        lambda: http_ok(f"http://127.0.0.1:{port}{health}"),
+        log_path=logs / f"{name}-{port}.log",
+    )
     child.start(settings.as_env())
     try:
-        wait_healthy(child, float(kw.get("timeout", 60)))  # type: ignore[arg-type]
+        wait_healthy(child, timeout)
+    except BaseException:
+        child.stop()
+        raise
+    return child
+
+
+@contextmanager
+def app_process(kind: str, settings: Settings, logs: Path, timeout: float = 60) -> Iterator[Child]:
+    """Run `abstream gateway` or `abstream worker` with ``settings`` until the block ends."""
+    child = start_app(kind, settings, logs, timeout=timeout)
+    try:
         yield child
     finally:
         child.stop()

@@ -28,7 +28,7 @@ from abstream.devstack.ports import free_port
 from abstream.devstack.supervisor import Child, abstream_argv, http_ok, wait_healthy
 from abstream.migrate import migrate
 from stream_workers.verify import actual_totals, differences, expected_totals
-from tests.stack import app_process, log_dir
+from tests.stack import app_process, log_dir, start_app
 
 
 def wait_for(check: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
@@ -270,17 +270,7 @@ class Load:
 
 
 def start_worker(settings: Settings, name: str) -> Child:
-    port = free_port()
-    child = Child(
-        name,
-        abstream_argv("worker", "--web-port", str(port)),
-        f"http://127.0.0.1:{port}",
-        lambda: http_ok(f"http://127.0.0.1:{port}/health"),
-        log_path=log_dir() / f"{name}-{port}.log",
-    )
-    child.start(settings.as_env())
-    wait_healthy(child, 60)
-    return child
+    return start_app("worker", settings, log_dir(), name=name)
 
 
 def sigkill(child: Child) -> None:
