@@ -1,7 +1,6 @@
 -- Each user's first assignment per experiment and phase (exposure), written by the stream workers.
--- The workers keep the first assignment per (user, experiment, phase) and write only that one, each
--- Kafka record at most once (they resume after the highest (kafka_partition, kafka_offset) stored
--- here). ReplacingMergeTree(first_rank) collapses a replayed duplicate to the earliest assignment as a
+-- The workers keep the first assignment per (user, experiment, phase) and write only that one (they
+-- rebuild who has one from this table before resuming a partition, see stream_checkpoints). ReplacingMergeTree(first_rank) collapses a replayed duplicate to the earliest assignment as a
 -- second line of defence; `SELECT count() FROM assignments` is exact (FINAL is not needed, but harmless).
 CREATE TABLE IF NOT EXISTS assignments
 (

@@ -7,8 +7,8 @@
 --   index and keeps a user's events adjacent for funnels.
 -- * event_time is the skew-corrected time when the client sent `sent_at`, else occurred_at; the raw
 --   values stay beside it. Days are UTC.
--- * Exactly once: the workers resume each partition after the highest kafka_offset stored here and drop
---   event_ids they have already written, so each event is written once. A row is written again only to
+-- * Exactly once: the workers resume each partition after their checkpoint (stream_checkpoints) and
+--   drop event_ids they have already written, so each event is written once. A row is written again only to
 --   re-enrich it (its user's assignment reached the worker after the event did) or when a worker died
 --   mid-flush; both carry the same sorting key, which ends in event_id, and ReplacingMergeTree keeps
 --   the highest enriched_version. Exact counts therefore read the table with FINAL:

@@ -10,69 +10,89 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 import faust
 import orjson
+from faust.types import TP
 
 from abstream.config import TOPIC_ASSIGNMENTS, TOPIC_EVENTS, TOPIC_EXPERIMENTS, TOPIC_REJECTED, Settings
 from gateway.assignment import bucket_bounds
+from gateway.registry import RegistryState
+from schemas.registry import RegistryRecord
 from stream_workers.app import create_app
+from stream_workers.checkpoints import CHECKPOINT_COLUMNS, checkpoint_row, record_digest, resume_offsets
 from stream_workers.pipeline import Pipeline
 from stream_workers.sink import ClickHouseWriter
 
 log = logging.getLogger(__name__)
 
 class CopySink:
-    """Append-only copy of one topic into ClickHouse tables, resuming after the offsets already written."""
+    """Copy of one topic into ClickHouse tables, resumed from its checkpoint (stream_workers.checkpoints).
+
+    ``checkpointed=False`` (the registry copy) reads the whole topic every time instead: its tables are
+    ReplacingMergeTree with the record's write time as version, so a replay changes nothing.
+    """
 
     def __init__(
         self,
+        app: faust.App,
         writer: ClickHouseWriter,
-        table: str,
         to_rows: Callable[[bytes, int, int], dict[str, list[list[Any]]]],
         columns: dict[str, list[str]],
+        checkpointed: bool = True,
     ) -> None:
+        self.app = app
         self.writer = writer
-        self.table = table  # the table whose (kafka_partition, kafka_offset) marks what is written
         self.to_rows = to_rows
         self.columns = columns
-        self.written: dict[int, int] = {}
+        self.checkpointed = checkpointed
+        self.next: dict[int, int] = {}  # partition -> next offset to copy
+        self.last: dict[int, tuple[str, int, str]] = {}  # partition -> (topic, offset, digest) of the last record
+        self.sought: dict[int, float] = {}
         self.rows: dict[str, list[list[Any]]] = {t: [] for t in columns}
         self.acks: list[tuple[Any, Any]] = []
+        self.lock = asyncio.Lock()
 
     async def handle(self, stream: Any, event: Any) -> None:
         msg = event.message
-        if msg.partition not in self.written:
-            # the table name is ours (a constant of this module); the partition is a bound parameter
-            ((max_offset, n),) = await self.writer.query(
-                f"SELECT max(kafka_offset), count() FROM {self.table} WHERE kafka_partition = {{p:UInt16}}",  # noqa: S608
-                {"p": msg.partition},
-            )
-            self.written[msg.partition] = int(max_offset) if n else -1
-        if msg.offset > self.written[msg.partition]:
-            try:
-                for table, rows in self.to_rows(msg.value, msg.partition, msg.offset).items():
-                    self.rows[table] += rows
-            except (ValueError, KeyError, TypeError) as exc:
-                log.error("%s offset %d: unreadable record skipped: %s", msg.topic, msg.offset, exc)
         self.acks.append((stream, event))
+        if self.checkpointed:
+            expected = self.next.get(msg.partition, 0)
+            if msg.offset < expected:
+                return
+            if msg.offset > expected:  # the position ran ahead of the checkpoint: go back (once a second)
+                if time.monotonic() - self.sought.get(msg.partition, 0.0) > 1.0:
+                    self.sought[msg.partition] = time.monotonic()
+                    await self.app.consumer.seek_wait({TP(msg.topic, msg.partition): expected})
+                return
+            self.next[msg.partition] = msg.offset + 1
+            self.last[msg.partition] = (msg.topic, msg.offset, record_digest(msg.value))
+        try:
+            for table, rows in self.to_rows(msg.value, msg.partition, msg.offset).items():
+                self.rows[table] += rows
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("%s offset %d: unreadable record skipped: %s", msg.topic, msg.offset, exc)
 
     async def flush(self) -> None:
-        if not self.acks:
-            return
-        rows, self.rows = self.rows, {t: [] for t in self.columns}
-        acks, self.acks = self.acks, []
-        for table, table_rows in rows.items():
-            await self.writer.insert(table, table_rows, self.columns[table])
-        for stream, event in acks:
-            await stream.ack(event)
+        async with self.lock:
+            if not self.acks:
+                return
+            rows, self.rows = self.rows, {t: [] for t in self.columns}
+            acks, self.acks = self.acks, []
+            checkpoints = [checkpoint_row(t, p, o, d) for p, (t, o, d) in self.last.items()]
+            for table, table_rows in rows.items():
+                await self.writer.insert(table, table_rows, self.columns[table])
+            await self.writer.insert("stream_checkpoints", checkpoints, CHECKPOINT_COLUMNS)
+            for stream, event in acks:
+                await stream.ack(event)
 
-    def revoke(self, partitions: set[int]) -> None:
-        for p in partitions:
-            self.written.pop(p, None)
+    def assign(self, resume: dict[TP, int]) -> None:
+        self.next = {tp.partition: offset for tp, offset in resume.items()}
+        self.last = {p: v for p, v in self.last.items() if p in self.next}
 
 
 def rejected_rows(value: bytes, partition: int, offset: int) -> dict[str, list[list[Any]]]:
@@ -97,7 +117,8 @@ def _dt(value: str | None) -> float | None:
 
 
 def registry_rows(value: bytes, partition: int, offset: int) -> dict[str, list[list[Any]]]:
-    """One version of one experiment; version = topic offset, so ReplacingMergeTree keeps the newest."""
+    """One version of one experiment; version = its write time, so ReplacingMergeTree keeps the newest
+    (offsets would not do: a recreated topic starts again at 0)."""
     rec = orjson.loads(value)
     exp = rec["experiment"]
     created = _dt(exp.get("created_at")) or rec["written_at"] / 1000
@@ -109,16 +130,16 @@ def registry_rows(value: bytes, partition: int, offset: int) -> dict[str, list[l
             _dt(exp.get("end_at")), exp["coverage"], exp.get("hash_seed") or exp["key"], exp["phase"],
             _dt(exp.get("phase_started_at")), orjson.dumps(exp.get("targeting") or {}).decode(),
             orjson.dumps(exp.get("baseline_config") or {}).decode(), rec["source"], created, written,
-            value.decode(), offset,
+            value.decode(), rec["written_at"],
         ]],
         "experiment_variants": [
             [exp["id"], v["id"], v["key"], v["name"], v.get("description") or "", v["weight"], i,
-             bounds[i], bounds[i + 1], orjson.dumps(v.get("config_overrides") or {}).decode(), offset]
+             bounds[i], bounds[i + 1], orjson.dumps(v.get("config_overrides") or {}).decode(), rec["written_at"]]
             for i, v in enumerate(exp["variants"])
         ],
         "experiment_phases": [[
             exp["id"], exp["phase"], exp.get("hash_seed") or exp["key"],
-            _dt(exp.get("phase_started_at")) or created, offset,
+            _dt(exp.get("phase_started_at")) or created, rec["written_at"],
         ]],
     }  # fmt: skip
 
@@ -134,19 +155,38 @@ REGISTRY_COLUMNS = {
 
 
 class RegistryCopy(CopySink):
-    """The registry copy has no offset column: ReplacingMergeTree(version=offset) makes replays harmless."""
+    """Copies the versions the registry actually applied: the worker folds the `experiments` topic with
+    the gateways' own rules (gateway.registry.RegistryState), from offset 0 after every rebalance, so a
+    losing concurrent create never reaches ClickHouse."""
+
+    def __init__(self, app: faust.App, writer: ClickHouseWriter) -> None:
+        super().__init__(app, writer, registry_rows, REGISTRY_COLUMNS, checkpointed=False)
+        self.state = RegistryState()
 
     async def handle(self, stream: Any, event: Any) -> None:
-        self.written.setdefault(event.message.partition, -1)
-        await super().handle(stream, event)
+        try:
+            applied = self.state.apply(RegistryRecord.from_bytes(event.message.value))
+        except ValueError as exc:
+            log.error("experiments offset %d: unreadable record skipped: %s", event.message.offset, exc)
+            applied = False
+        if applied:
+            await super().handle(stream, event)
+        else:
+            self.acks.append((stream, event))
+
+    def assign(self, resume: dict[TP, int]) -> None:
+        self.state = RegistryState()
 
 
 def build(settings: Settings) -> faust.App:
     app = create_app(settings)
     writer = ClickHouseWriter(settings)
     pipeline = Pipeline(settings, app, writer)
-    rejected = CopySink(writer, "rejected_events", rejected_rows, REJECTED_COLUMNS)
-    registry = RegistryCopy(writer, "experiments", registry_rows, REGISTRY_COLUMNS)
+    rejected = CopySink(app, writer, rejected_rows, REJECTED_COLUMNS)
+    registry = RegistryCopy(app, writer)
+    pipeline_topics = {settings.topic(TOPIC_EVENTS), settings.topic(TOPIC_ASSIGNMENTS)}
+    rejected_topic_name = settings.topic(TOPIC_REJECTED)
+    experiments_topic_name = settings.topic(TOPIC_EXPERIMENTS)
 
     user_topics = app.topic(
         settings.topic(TOPIC_EVENTS), settings.topic(TOPIC_ASSIGNMENTS), key_type=bytes, value_type=bytes,
@@ -155,22 +195,27 @@ def build(settings: Settings) -> faust.App:
     rejected_topic = app.topic(settings.topic(TOPIC_REJECTED), key_serializer="raw", value_serializer="raw")
     experiments_topic = app.topic(settings.topic(TOPIC_EXPERIMENTS), key_serializer="raw", value_serializer="raw")
 
+    positioned = asyncio.Event()  # set once every assigned partition is at its checkpoint
+
     @app.agent(user_topics)
     async def user_stream(stream: faust.StreamT) -> None:
         s = stream.noack()
         async for event in s.events():
+            await positioned.wait()
             await pipeline.handle(s, event)
 
     @app.agent(rejected_topic)
     async def rejected_copy(stream: faust.StreamT) -> None:
         s = stream.noack()
         async for event in s.events():
+            await positioned.wait()
             await rejected.handle(s, event)
 
     @app.agent(experiments_topic)
     async def registry_copy(stream: faust.StreamT) -> None:
         s = stream.noack()
         async for event in s.events():
+            await positioned.wait()
             await registry.handle(s, event)
 
     @app.timer(interval=settings.worker_flush_interval_s)
@@ -185,34 +230,55 @@ def build(settings: Settings) -> faust.App:
 
     @app.on_partitions_assigned.connect
     async def on_assigned(app: faust.App, assigned: set[Any], **kwargs: Any) -> None:
-        """Commit, for every assigned partition, the offset after what ClickHouse holds: Faust then
-        seeks there (it resumes streams at committed offsets), whatever was committed before."""
+        """Hold processing until the partitions are positioned at their checkpoints (see below)."""
         mine = {tp.partition for tp in assigned if tp.topic in pipeline_topics}
         for p in list(pipeline.partitions):
             if p not in mine:
                 pipeline.partitions.pop(p, None)
-        if mine:
-            offsets = await pipeline.checkpoint_offsets(mine)
-            await app.consumer._thread.commit(offsets)  # noqa: SLF001 - raw offsets, not Faust's acks
-            log.info("resuming %s from ClickHouse checkpoints", {f"{tp.topic}[{tp.partition}]": o
-                                                                  for tp, o in offsets.items()})  # fmt: skip
+        positioned.clear()
+        generation = app.consumer_generation_id
 
-    @app.on_rebalance_complete.connect
-    async def on_rebalanced(app: faust.App, **kwargs: Any) -> None:
-        async def rebuild_all() -> None:
-            for _ in range(600):  # recovery completes after this signal
+        async def position() -> None:
+            # Faust seeks to Kafka's committed offsets when its recovery completes, after this signal:
+            # wait for that, then seek every partition to where its ClickHouse checkpoint says.
+            for _ in range(1200):
                 if app.tables.recovery.completed.is_set():
                     break
                 await asyncio.sleep(0.05)
+            if app.consumer_generation_id != generation:
+                return  # a newer rebalance took over
+            await pipeline.wait_writes()  # a write still in flight would move the checkpoints
+            async with rejected.lock:
+                wanted = [TP(tp.topic, tp.partition) for tp in app.consumer.assignment()
+                          if tp.topic in pipeline_topics or tp.topic == rejected_topic_name]  # fmt: skip
+                offsets = await resume_offsets(writer, settings, wanted)
+            offsets.update({TP(tp.topic, tp.partition): 0 for tp in app.consumer.assignment()
+                            if tp.topic == experiments_topic_name})  # fmt: skip
+            pipeline.resume = {tp: o for tp, o in offsets.items() if tp.topic in pipeline_topics}
+            rejected.assign({tp: o for tp, o in offsets.items() if tp.topic == rejected_topic_name})
+            registry.assign({})
+            if offsets:
+                await app.consumer.seek_wait(offsets)
+            log.info("resuming from ClickHouse checkpoints: %s",
+                     {f"{tp.topic}[{tp.partition}]": o for tp, o in sorted(offsets.items())})  # fmt: skip
             await pipeline.ensure_partitions()
+            positioned.set()
 
-        asyncio.ensure_future(rebuild_all())
+        async def position_or_retry() -> None:
+            delay = 0.5
+            while app.consumer_generation_id == generation and not positioned.is_set():
+                try:
+                    await position()
+                    return
+                except Exception:  # noqa: BLE001 - log it and try again: processing waits for this
+                    log.exception("positioning partitions at their checkpoints failed; retrying")
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+
+        asyncio.ensure_future(position_or_retry())
 
     @app.on_partitions_revoked.connect
     async def on_revoked(app: faust.App, revoked: set[Any], **kwargs: Any) -> None:
         pipeline.revoke({tp.partition for tp in revoked if tp.topic in pipeline_topics})
-        rejected.revoke({tp.partition for tp in revoked if tp.topic == rejected_topic_name})
 
-    pipeline_topics = {settings.topic(TOPIC_EVENTS), settings.topic(TOPIC_ASSIGNMENTS)}
-    rejected_topic_name = settings.topic(TOPIC_REJECTED)
     return app

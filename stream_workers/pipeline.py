@@ -3,16 +3,19 @@ logged to ClickHouse and aggregated into rollups, exactly once across crashes.
 
 Recovery design (ClickHouse is the checkpoint)
 -----------------------------------------------
-Every row a worker writes carries its source (kafka_partition, kafka_offset). When a worker gets a
-partition it reads, before processing any of its records, the partition's state back from ClickHouse:
-the highest offsets already written, the users' first assignments (merged with the Faust table
-``user_assignments``), and the users' stored events (event_logs FINAL), from which it recomputes every
-user's rollup contribution and the partition's totals. Records at or below the written offsets are
-skipped; event_ids already written are dropped. Kafka offsets are acknowledged to Faust only after the
-rows of those records are in ClickHouse (manual acks), so a SIGKILL at any moment either replays records
-(skipped or deduplicated) or loses nothing. This does not depend on a Faust changelog being complete,
-which matters on the embedded broker: tansu's ListOffsets(latest) answers the start of the last batch,
-so changelog recovery stops short of the end there.
+Every flush writes, after its rows, a checkpoint per topic partition (``stream_checkpoints``): the
+last record applied and a hash of its bytes. When a worker gets partitions (``on_partitions_assigned``)
+it commits, for each, the offset after its checkpoint (after checking that the record at that offset
+is still the same record: the embedded broker recreates topics from offset 0 when it restarts), so
+Faust resumes there whatever it had committed before. Before processing, it reads the partition's
+state back from ClickHouse: the users' first assignments (merged with the Faust table
+``user_assignments``) and their stored events (event_logs FINAL), from which it recomputes every
+user's rollup contribution and the partition's totals. Records are processed contiguously from the
+checkpoint; event_ids already written are dropped. Kafka offsets are acknowledged to Faust only after
+their rows are in ClickHouse, so a SIGKILL at any moment either replays records (deduplicated) or
+loses nothing. This does not depend on a Faust changelog being complete, which matters on the
+embedded broker: tansu's ListOffsets(latest) answers the start of the last batch, so changelog
+recovery stops short of the end there.
 
 Enrichment rule
 ---------------
@@ -43,6 +46,7 @@ from faust.types import TP
 from abstream.config import TOPIC_ASSIGNMENTS, TOPIC_EVENTS, Settings
 from schemas.events import decode_record
 from schemas.experiments import load_manifest
+from stream_workers.checkpoints import CHECKPOINT_COLUMNS, checkpoint_row, record_digest
 from stream_workers.rollups import (
     MS_PER_DAY,
     Assignment,
@@ -70,10 +74,10 @@ class PartitionState:
     seen: dict[tuple[str, str], int] = field(default_factory=dict)
     # per user: (event, its last written row), so a late assignment can re-enrich it
     recent: dict[str, deque[tuple[UserEvent, list[Any]]]] = field(default_factory=dict)
-    events_written: int = -1  # highest events offset whose rows are in ClickHouse
-    assignments_written: int = -1
-    events_next: int = 0  # next offsets to be reflected in the totals (the rollup version)
+    events_next: int = 0  # next offset to process, per topic (records before it are applied)
     assignments_next: int = 0
+    # last processed record per topic: (offset, sha1 of its bytes), for the checkpoint
+    last_record: dict[str, tuple[int, str]] = field(default_factory=dict)
     event_rows: list[list[Any]] = field(default_factory=list)
     assignment_rows: list[list[Any]] = field(default_factory=list)
     pending_acks: list[tuple[Any, Any]] = field(default_factory=list)
@@ -86,9 +90,6 @@ class PartitionState:
             u = self.users[user_id] = UserState()
         return u
 
-    @property
-    def version(self) -> int:
-        return (self.events_next << 32) | (self.assignments_next & 0xFFFFFFFF)
 
 
 class Pipeline:
@@ -109,6 +110,7 @@ class Pipeline:
         self.partitioner = DefaultPartitioner()
         self._inflight: asyncio.Future[None] | None = None
         self._rebuild_lock = asyncio.Lock()
+        self.resume: dict[TP, int] = {}  # where each assigned topic partition resumes (checkpoint_offsets)
 
     # ---- partition lifecycle ---------------------------------------------------------------------
 
@@ -127,21 +129,8 @@ class Pipeline:
                     self.partitions[partition] = part
         return part
 
-    async def checkpoint_offsets(self, partitions: set[int]) -> dict[TP, int]:
-        """Next offsets to read per topic partition: one past what ClickHouse holds."""
-        await self.wait_writes()  # a write still in flight would move the checkpoint
-        out: dict[TP, int] = {}
-        for p in sorted(partitions):
-            for topic, table in ((self.events_topic, "event_logs"), (self.assignments_topic, "assignments")):
-                # the table name is one of two constants above; the partition is a bound parameter
-                ((max_offset, n),) = await self.writer.query(
-                    f"SELECT max(kafka_offset), count() FROM {table} WHERE kafka_partition = {{p:UInt16}}",  # noqa: S608
-                    {"p": p},
-                )
-                out[TP(topic, p)] = int(max_offset) + 1 if n else 0
-        return out
-
     async def wait_writes(self) -> None:
+        """Return once no write is in flight (checkpoints are read after this)."""
         async with self.flush_lock:
             if self._inflight is not None:
                 await self._inflight
@@ -149,10 +138,10 @@ class Pipeline:
 
     async def _seek(self, part: PartitionState, topic: str, offset: int) -> None:
         """Position the consumer at ``offset`` (in the consumer's own thread). Records already buffered
-        past it arrive first and only drop; the same seek is repeated after a second if needed."""
+        past it arrive first and only drop; the same seek is repeated after 5 s if still needed."""
         now = time.monotonic()
         last = part.sought.get(topic)
-        if last is not None and last[0] == offset and now - last[1] < 1.0:
+        if last is not None and last[0] == offset and now - last[1] < 5.0:
             return
         part.sought[topic] = (offset, now)
         log.warning("partition %d: %s ran ahead of ClickHouse; seeking back to %d", part.partition, topic, offset)
@@ -170,16 +159,8 @@ class Pipeline:
         part = PartitionState(partition)
         q = self.writer.query
         params = {"p": partition}
-        (ev_max, ev_n), = await q(
-            "SELECT max(kafka_offset), count() FROM event_logs WHERE kafka_partition = {p:UInt16}", params
-        )
-        (as_max, as_n), = await q(
-            "SELECT max(kafka_offset), count() FROM assignments WHERE kafka_partition = {p:UInt16}", params
-        )
-        part.events_written = int(ev_max) if ev_n else -1
-        part.assignments_written = int(as_max) if as_n else -1
-        part.events_next = part.events_written + 1
-        part.assignments_next = part.assignments_written + 1
+        part.events_next = self.resume.get(TP(self.events_topic, partition), 0)
+        part.assignments_next = self.resume.get(TP(self.assignments_topic, partition), 0)
         rows = await q(
             "SELECT user_id, experiment_id, experiment_key, variant_id, variant_key, phase, "
             "toUnixTimestamp64Milli(assigned_at), assignment_version FROM assignments FINAL "
@@ -208,9 +189,8 @@ class Pipeline:
             part.totals.add(contrib)
         part.totals.dirty = set(part.totals.values)  # rewrite every total once: converge after any crash
         log.info(
-            "partition %d rebuilt from ClickHouse in %.2fs: %d users, %d events, offsets events>%d assignments>%d",
-            partition, time.perf_counter() - t0, len(part.users), len(rows), part.events_written,
-            part.assignments_written,
+            "partition %d rebuilt from ClickHouse in %.2fs: %d users, %d events; resuming at events %d, assignments %d",
+            partition, time.perf_counter() - t0, len(part.users), len(rows), part.events_next, part.assignments_next,
         )  # fmt: skip
         return part
 
@@ -257,6 +237,7 @@ class Pipeline:
         else:
             self._on_assignment(part, message.offset, message.value)
             part.assignments_next = message.offset + 1
+        part.last_record[message.topic] = (message.offset, record_digest(message.value))
         if sum(len(p.event_rows) for p in self.partitions.values()) >= self.flush_rows:
             # Blocks while ClickHouse is away (the writer retries): the agent stops consuming meanwhile.
             await self.flush()
@@ -399,19 +380,21 @@ class Pipeline:
         batch: dict[str, Any] = {
             "t0": time.perf_counter(), "event_rows": [], "assignment_rows": [], "acks": [],
             "rollups": {"m": [], "e": [], "f": [], "d": []}, "watermark": None,
-            "partitions": sorted(p.partition for p in parts), "written": [],
+            "partitions": sorted(p.partition for p in parts), "checkpoints": [],
         }  # fmt: skip
         for p in parts:
             batch["event_rows"] += p.event_rows
             batch["assignment_rows"] += p.assignment_rows
             batch["acks"] += p.pending_acks
             p.event_rows, p.assignment_rows, p.pending_acks = [], [], []
-            version = p.version
+            version = time.time_ns() // 1000  # grows across topic incarnations and owners
             for key, stats in p.totals.take_dirty():
                 batch["rollups"][key[0]].append(rollup_row(key, stats, p.partition, version, self.funnels))
             if p.watermark_ms is not None and (batch["watermark"] is None or p.watermark_ms > batch["watermark"]):
                 batch["watermark"] = p.watermark_ms
-            batch["written"].append((p, p.events_next - 1, p.assignments_next - 1))
+            batch["checkpoints"] += [
+                checkpoint_row(topic, p.partition, offset, digest) for topic, (offset, digest) in p.last_record.items()
+            ]
         return batch
 
     async def _write(self, batch: dict[str, Any]) -> None:
@@ -423,9 +406,8 @@ class Pipeline:
         await w.insert("experiment_exposures_by_partition", rollups["e"], EXPOSURE_COLUMNS)
         await w.insert("funnel_rollups_by_partition", rollups["f"], FUNNEL_COLUMNS)
         await w.insert("daily_metric_rollups_by_partition", rollups["d"], DAILY_COLUMNS)
-        for p, events_done, assignments_done in batch["written"]:
-            p.events_written = max(p.events_written, events_done)
-            p.assignments_written = max(p.assignments_written, assignments_done)
+        # the checkpoint goes last: if this dies before it, a restart replays and deduplicates
+        await w.insert("stream_checkpoints", batch["checkpoints"], CHECKPOINT_COLUMNS)
         for stream, event in batch["acks"]:
             await stream.ack(event)
         n_rollups = sum(len(v) for v in rollups.values())
@@ -441,8 +423,8 @@ class Pipeline:
 
     def status(self) -> str:
         parts = ", ".join(
-            f"p{p.partition}: next {p.events_next}/{p.assignments_next} written {p.events_written}/"
-            f"{p.assignments_written} buffered {len(p.event_rows)} unacked {len(p.pending_acks)}"
+            f"p{p.partition}: next {p.events_next}/{p.assignments_next} "
+            f"buffered {len(p.event_rows)} unacked {len(p.pending_acks)}"
             for p in sorted(self.partitions.values(), key=lambda p: p.partition)
         )
         inflight = "idle" if self._inflight is None else ("done" if self._inflight.done() else "writing")

@@ -355,3 +355,41 @@ def test_clickhouse_outage_delays_but_loses_nothing(settings: Settings, tmp_path
         assert_verify_clean(settings)
         worker.stop()
     ch.stop()
+
+
+def test_embedded_broker_restart_keeps_registry_and_loses_no_new_events(settings: Settings) -> None:
+    """`abstream dev` restarted: a fresh in-memory broker (topics from offset 0), ClickHouse kept."""
+    from dataclasses import replace
+
+    from abstream.devstack.broker import start_broker, stop_process
+
+    port = free_port()
+    settings = replace(settings, kafka_bootstrap_servers=f"127.0.0.1:{port}")
+    migrate(settings, log=False)
+    first_users = [f"before-{i}" for i in range(6)]
+    broker = start_broker("127.0.0.1", port)
+    try:
+        with app_process("gateway", settings, log_dir()) as gw, app_process("worker", settings, log_dir()):
+            created = httpx.post(f"{gw.address}/apiv1/ab-tests", json={
+                "test_name": "restart_probe", "variants": [{"variant_name": "a"}, {"variant_name": "b"}]})  # fmt: skip
+            assert created.status_code == 201, created.text
+            for user in first_users:
+                post_events(gw.address, user, ["app_open"] * 5)
+            wait_for(lambda: scalar(settings, "SELECT count() FROM event_logs FINAL") == 30, what="first events")
+            wait_for(lambda: scalar(settings, "SELECT count() FROM experiments FINAL WHERE name = 'restart_probe'"),
+                     what="registry copy")  # fmt: skip
+    finally:
+        stop_process(broker)
+    broker = start_broker("127.0.0.1", port)  # empty again
+    try:
+        with app_process("gateway", settings, log_dir()) as gw, app_process("worker", settings, log_dir()):
+            listed = httpx.get(f"{gw.address}/apiv1/ab-tests").json()
+            assert {t["test_name"]: t["id"] for t in listed}.get("restart_probe") == created.json()["id"]
+            for user in first_users[:2]:  # fewer records than before: new offsets stay below the old ones
+                post_events(gw.address, user, ["workout_started"] * 2)
+            wait_for(lambda: scalar(settings, "SELECT count() FROM event_logs FINAL") == 34, what="new events")
+            time.sleep(1)
+            assert scalar(settings, "SELECT count() FROM event_logs FINAL") == 34
+            assert_verify_clean(settings)
+    finally:
+        stop_process(broker)
