@@ -2,8 +2,8 @@
 --
 -- Each worker owns some Kafka partitions (a user's events and assignments share one), keeps its users'
 -- state in memory and writes, per partition, the current totals of every key that changed. The
--- *_by_partition tables hold those rows: ReplacingMergeTree(version) keeps the newest, and `version`
--- grows with the source offsets, so a replay after a crash rewrites the same numbers instead of
+-- *_by_partition tables hold those rows: ReplacingMergeTree(version) keeps the newest (`version` is
+-- the write time in microseconds), so a replay after a crash rewrites the same numbers instead of
 -- adding them twice. The views named as the seed's tables sum the partitions (users never span
 -- partitions, so user counts add up): query the views.
 
