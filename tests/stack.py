@@ -69,9 +69,9 @@ def start_infra(mode: str) -> Infra:
 
         kafka = KafkaContainer().with_kraft()
         kafka.start()
-        ch = ClickHouseContainer(port=8123)
+        ch = ClickHouseContainer(port=8123, username="abstream", password="abstream")  # noqa: S106 - throwaway
         ch.start()
-        url = f"http://{ch.username}:{ch.password}@{ch.get_container_host_ip()}:{ch.get_exposed_port(8123)}"
+        url = f"http://abstream:abstream@{ch.get_container_host_ip()}:{ch.get_exposed_port(8123)}"
         return Infra(mode, kafka.get_bootstrap_server(), url, False, _containers=[kafka, ch])
     data_dir = Path(tempfile.mkdtemp(prefix="abstream-test-"))
     broker_port, ch_port = free_port(), free_port()
