@@ -7,6 +7,7 @@ tansu keeps everything in memory: a broker restart loses its topics. Production 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import signal
 import subprocess
 import sys
@@ -16,6 +17,15 @@ from types import FrameType
 from aiokafka import AIOKafkaClient
 
 from abstream.devstack.ports import ensure_port_free, port_open
+
+
+def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Ask Linux to SIGTERM this child when its parent dies (PR_SET_PDEATHSIG): nothing is left behind."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)
+    except OSError:
+        pass
 
 
 def broker_binary() -> str:
@@ -72,7 +82,12 @@ def start_broker(host: str, port: int, quiet: bool = True) -> subprocess.Popen[b
     """Start tansu and return once it answers Metadata (the caller owns the process)."""
     ensure_port_free(host, port, "broker", "--port (or ABSTREAM_BROKER_PORT)")
     out = subprocess.DEVNULL if quiet else None
-    proc = subprocess.Popen(broker_command(host, port), stdout=out, stderr=out)
+    proc = subprocess.Popen(
+        broker_command(host, port),
+        stdout=out,
+        stderr=out,
+        preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
+    )
     try:
         wait_for_kafka(f"{host}:{port}", proc=proc)
     except BaseException:

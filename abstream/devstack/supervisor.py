@@ -8,7 +8,6 @@ SIGTERM from the kernel if this supervisor dies without cleaning up (PR_SET_PDEA
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
 import secrets
 import signal
@@ -22,18 +21,10 @@ from pathlib import Path
 from types import FrameType
 
 from abstream.config import Settings
-from abstream.devstack.broker import kafka_answers
+from abstream.devstack.broker import die_with_parent, kafka_answers
 from abstream.devstack.ports import ensure_port_free, port_open
 
 HealthCheck = Callable[[], bool]
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def http_ok(url: str, timeout: float = 1.0) -> bool:
@@ -65,7 +56,7 @@ class Child:
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
+            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
         )
 
     def alive(self) -> bool:

@@ -1,0 +1,358 @@
+"""End-to-end ingestion: events/s the gateway acknowledges, next to a bare aiokafka producer on the same broker.
+
+A benchmark, not a timed test (``abstream bench ingest``). It starts a private stack (tansu on a free port and
+one ``abstream gateway`` process, unique topic prefix), then from SEPARATE load processes posts realistic
+``POST /v1/events`` batches (50 events of ~300 bytes, one user's session per request, client event_ids; each
+run posts ids the gateway has not seen, so nothing is skipped as a duplicate):
+
+1. max rate, identity and gzip bodies: ``wrk`` (closed loop, 32 connections) with ``wrk/events.lua``
+   replaying a pre-generated pool of bodies (or, without wrk, this package's asyncio client in closed loop);
+2. half of that maximum, identity and gzip: the asyncio client at a FIXED rate (open loop; latency from each
+   request's scheduled send time, so queueing is not hidden by coordinated omission);
+3. a bare aiokafka producer (same ``producer_settings``, acks=all) sending the same events ONE RECORD EACH,
+   before and after the gateway runs; the faster of the two counts (the stricter ratio).
+
+Events/s counts only events answered 200 with ``accepted``. Targets (issue 5): gateway >= 2.0x the bare
+producer's events/s; p99 <= 25 ms at half of the maximum rate. Prints a table; writes bench-results/ingest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections import deque
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from abstream.bench import loadgen
+from abstream.config import Settings
+
+TARGET_RATIO = 2.0
+TARGET_HALF_P99_MS = 25.0
+BARE_TOPIC = "bench.bare"
+
+
+def bare_values(payloads: list[dict[str, Any]], tag: str) -> list[tuple[bytes, bytes]]:
+    """The pool's events as single records: key = user, value = the event with its client context."""
+    out = []
+    for p in payloads:
+        user = f"{p['anonymous_user_id']}.{tag}"
+        ctx = {k: p[k] for k in ("session_id", "platform", "app_version", "install_id", "sent_at")}
+        key = user.encode()
+        for ev in p["events"]:
+            out.append((key, orjson.dumps({"anonymous_user_id": user, **ctx, **ev})))
+    return out
+
+
+async def bare_producer(settings: Settings, values: list[tuple[bytes, bytes]], duration_s: float) -> dict[str, Any]:
+    """One record per event, acks=all, the gateway's producer settings; events/s from first send to last ack."""
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError
+
+    from abstream.kafka import producer_settings
+
+    topic = settings.topic(BARE_TOPIC)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        if topic not in await admin.list_topics():
+            try:
+                await admin.create_topics(
+                    [NewTopic(topic, settings.kafka_partitions, settings.kafka_replication_factor)]
+                )
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(**producer_settings(settings))
+    await producer.start()
+    try:
+        for key, value in values[:2000]:  # warm-up: metadata, connections, first batches
+            await producer.send(topic, value, key=key)
+        await producer.flush()
+        window: deque[asyncio.Future[Any]] = deque()
+        n = len(values)
+        i = sent = 0
+        start = time.perf_counter()
+        deadline = start + duration_s
+        send = producer.send
+        while True:
+            key, value = values[i]
+            i += 1
+            if i == n:
+                i = 0
+            window.append(await send(topic, value, key=key))
+            sent += 1
+            if len(window) >= 50_000:
+                await window.popleft()
+            if not sent & 1023 and time.perf_counter() >= deadline:
+                break
+        await asyncio.gather(*window)
+        elapsed = time.perf_counter() - start
+    finally:
+        await producer.stop()
+    return {"events": sent, "elapsed_s": elapsed, "events_per_s": sent / elapsed, "records_per_event": 1}
+
+
+def _load_max(
+    args: argparse.Namespace, url: str, pool: Path, gz: bool, wrk: str | None, duration: float
+) -> dict[str, Any]:
+    if wrk:
+        return loadgen.run_wrk(
+            url,
+            pool,
+            gzip_bodies=gz,
+            duration_s=duration,
+            threads=args.threads,
+            connections=args.connections,
+            wrk=wrk,
+        )
+    return loadgen.run_client(
+        url, pool, rate=0, duration_s=duration, warmup_s=1.0, connections=args.connections, gzip_bodies=gz
+    )
+
+
+def _check(stack: loadgen.PrivateStack, result: dict[str, Any], what: str) -> dict[str, Any]:
+    stack.check_alive()
+    if result.get("duplicates"):
+        print(f"warning: {what}: {result['duplicates']} events flagged as duplicates", file=sys.stderr)
+    if result.get("ok", 0) == 0:
+        raise RuntimeError(f"{what}: no request answered 200 ({result})")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="abstream bench ingest", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds per gateway run (default 15)")
+    parser.add_argument("--bare-duration", type=float, default=8.0, help="seconds per bare-producer run")
+    parser.add_argument("--events", type=int, default=50, help="events per request (default 50)")
+    parser.add_argument(
+        "--pool",
+        type=int,
+        default=0,
+        help="distinct request bodies per run (default: enough to outrun the dedup cache)",
+    )
+    parser.add_argument("--connections", type=int, default=32, help="wrk connections at max rate (default 32)")
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads (default 1: leave cores to the gateway)")
+    parser.add_argument("--half-connections", type=int, default=64, help="connections of the fixed-rate client")
+    parser.add_argument("--half-rate", type=float, default=0.0, help="fixed rate in requests/s (default: max / 2)")
+    parser.add_argument("--client", choices=["auto", "wrk", "python"], default="auto", help="max-rate load generator")
+    parser.add_argument("--no-gzip", dest="gzip", action="store_false", help="skip the gzip runs")
+    parser.add_argument("--out", type=Path, default=Path("bench-results/ingest.json"))
+    parser.add_argument(
+        "--profile", metavar="SVG", help="py-spy flame graph of the gateway during the identity max run"
+    )
+    parser.add_argument("--keep-logs", action="store_true", help="keep the stack's logs (temp dir) after the run")
+    loadgen.add_quiet_args(parser)
+    args = parser.parse_args(argv)
+
+    import logging
+
+    logging.getLogger("aiokafka").setLevel(logging.ERROR)
+
+    wrk = None
+    if args.client in ("auto", "wrk"):
+        wrk = loadgen.wrk_path()
+        if wrk is None:
+            print(f"wrk is not installed; install it with:  {loadgen.WRK_INSTALL}   (Debian/Ubuntu, as root)")
+            if args.client == "wrk":
+                return 2
+            print("falling back to the Python asyncio client (closed loop): a lower bound of the gateway's rate")
+
+    settings = Settings.from_env()
+    n_bodies = args.pool or max(1000, -(-int(settings.dedup_cache_size * 1.5) // args.events))
+    t0 = time.perf_counter()
+    payloads = loadgen.make_v1_payloads(n_bodies, args.events)
+    plain = loadgen.v1_body(payloads[0], "x")
+    per_event = (len(plain) - len(orjson.dumps({**payloads[0], "events": []}))) / args.events
+    print(
+        f"pool: {n_bodies} requests x {args.events} events (~{per_event:.0f} bytes/event, {len(plain) / 1024:.1f} KiB "
+        f"per request), generated in {time.perf_counter() - t0:.1f}s"
+    )
+
+    modes = ["identity", "gzip"] if args.gzip else ["identity"]
+    results: dict[str, Any] = {mode: {} for mode in modes}
+    bare_runs: list[dict[str, Any]] = []
+    gzip_ratio = None
+    with loadgen.private_stack(keep_dir=args.keep_logs) as stack:
+        s = stack.settings
+        url = f"{stack.gateway_url}/v1/events"
+        print(f"stack: tansu {s.kafka_bootstrap_servers}, gateway {stack.gateway_url} (pid {stack.gateway_pid})")
+
+        def pool(tag: str, gz: bool) -> Path:
+            bodies = [loadgen.v1_body(p, tag) for p in payloads]
+            if gz:
+                bodies = loadgen.gzip_all(bodies)
+            return loadgen.write_pool(stack.work_dir / f"pool-{tag}.bin", bodies)
+
+        # warm-up (imports, caches, producer connections), not reported
+        _check(stack, _load_max(args, url, pool("warm", False), False, wrk, 3), "warm-up")
+
+        values = bare_values(payloads, "bare1")
+        print(f"bare aiokafka producer, one record per event, {args.bare_duration:.0f}s ...", flush=True)
+        with loadgen.measured_run(stack.pids(), args) as cpu:
+            bare_runs.append(loadgen.run_async(bare_producer(s, values, args.bare_duration)))
+        bare_runs[-1]["cpu"] = cpu.result
+        del values
+
+        for mode in modes:
+            gz = mode == "gzip"
+            p = pool(f"max-{mode}", gz)
+            if gz:
+                gzip_ratio = sum(len(loadgen.v1_body(x, "r")) for x in payloads[:200]) / sum(
+                    len(b) for b in loadgen.read_pool(p)[:200]
+                )
+            print(f"gateway, {mode}, max rate, {args.duration:.0f}s ...", flush=True)
+            profile = args.profile if mode == "identity" else None
+            with (
+                loadgen.measured_run(stack.pids(), args) as cpu,
+                loadgen.py_spy(stack.gateway_pid, profile, args.duration),
+            ):
+                r = _load_max(args, url, p, gz, wrk, args.duration)
+            r["cpu"] = cpu.result
+            results[mode]["max"] = _check(stack, r, f"{mode} max")
+
+        for mode in modes:
+            gz = mode == "gzip"
+            rate = args.half_rate or results[mode]["max"]["rps"] / 2
+            p = pool(f"half-{mode}", gz)
+            print(f"gateway, {mode}, fixed {rate:,.0f} requests/s (half of max), {args.duration:.0f}s ...", flush=True)
+            with loadgen.measured_run(stack.pids(), args) as cpu:
+                r = loadgen.run_client(
+                    url,
+                    p,
+                    rate=rate,
+                    duration_s=args.duration,
+                    warmup_s=2.0,
+                    connections=args.half_connections,
+                    gzip_bodies=gz,
+                )
+            r["cpu"] = cpu.result
+            results[mode]["half"] = _check(stack, r, f"{mode} half")
+
+        values = bare_values(payloads, "bare2")
+        print(f"bare aiokafka producer again, {args.bare_duration:.0f}s ...", flush=True)
+        with loadgen.measured_run(stack.pids(), args) as cpu:
+            bare_runs.append(loadgen.run_async(bare_producer(s, values, args.bare_duration)))
+        bare_runs[-1]["cpu"] = cpu.result
+        del values
+        from abstream.kafka import producer_settings
+
+        producer = {k: v for k, v in producer_settings(s).items() if k != "bootstrap_servers"}
+
+    bare = max(bare_runs, key=lambda r: r["events_per_s"])  # the faster run: the stricter ratio
+    report = {
+        "benchmark": "ingest",
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": loadgen.machine(),
+        "config": {
+            "events_per_request": args.events,
+            "bytes_per_event": round(per_event),
+            "pool_requests": n_bodies,
+            "gzip_ratio": gzip_ratio,
+            "duration_s": args.duration,
+            "max_client": f"wrk -t{args.threads} -c{args.connections}" if wrk else "python closed loop",
+            "half_client": f"python open loop, {args.half_connections}..512 connections",
+            "gateway": "1 process (abstream gateway, uvicorn)",
+            "producer_settings": producer,
+        },
+        "bare_producer": {"runs": bare_runs, "events_per_s": bare["events_per_s"]},
+        "gateway": results,
+        "ratio_gateway_over_bare": {m: results[m]["max"]["events_per_s"] / bare["events_per_s"] for m in modes},
+    }
+    bare_us = cpu_us_per_event(bare["cpu"]["bench"], bare["events_per_s"])
+    report["cpu_ratio_gateway_over_bare"] = {
+        m: bare_us / max(cpu_us_per_event(results[m]["max"]["cpu"]["gateway"], results[m]["max"]["events_per_s"]), 1e-9)
+        for m in modes
+    }
+    half = results["identity"]["half"]["latency_ms"]["p99"]
+    ratio = report["ratio_gateway_over_bare"]["identity"]
+    report["targets"] = {
+        "ratio": {"target": TARGET_RATIO, "value": ratio, "pass": ratio >= TARGET_RATIO},
+        "half_rate_p99_ms": {"target": TARGET_HALF_P99_MS, "value": half, "pass": half <= TARGET_HALF_P99_MS},
+    }
+    print_report(report)
+    loadgen.write_json(args.out, report)
+    print(f"results written to {args.out}")
+    return 0
+
+
+def cpu_us_per_event(cpu_pct: float, events_per_s: float) -> float:
+    """CPU time the sender spent per acknowledged event: comparable even when other processes share the box."""
+    return cpu_pct * 10_000 / events_per_s if events_per_s else 0.0
+
+
+def print_report(report: dict[str, Any]) -> None:
+    cfg = report["config"]
+    bare = report["bare_producer"]
+    print()
+    print(
+        f"abstream bench ingest: {cfg['events_per_request']} events/request, ~{cfg['bytes_per_event']} B/event"
+        + (f", gzip ratio {cfg['gzip_ratio']:.1f}x" if cfg["gzip_ratio"] else "")
+        + f"; max: {cfg['max_client']}; half: {cfg['half_client']}; {cfg['gateway']}"
+    )
+    rows: list[list[object]] = []
+    for i, run in enumerate(bare["runs"]):
+        c = run["cpu"]
+        rows.append(
+            [f"bare producer, 1 record/event (run {i + 1})", "max", None, run["events_per_s"]]
+            + [None] * 5
+            + [0, c["bench"], cpu_us_per_event(c["bench"], run["events_per_s"]), None, c["broker"], c["others"]]
+        )
+    for mode, runs in report["gateway"].items():
+        for kind, r in runs.items():
+            lat = r["latency_ms"]
+            rate = "max" if kind == "max" else f"fixed {r['offered_rps']:,.0f}/s"
+            rows.append(
+                [
+                    f"gateway /v1/events, {mode}",
+                    rate,
+                    r["rps"],
+                    r["events_per_s"],
+                    lat["p50"],
+                    lat["p95"],
+                    lat["p99"],
+                    lat["p999"],
+                    lat["max"],
+                    loadgen.failures(r),
+                    r["cpu"]["gateway"],
+                    cpu_us_per_event(r["cpu"]["gateway"], r["events_per_s"]),
+                    r["cpu"]["gateway_runqueue_wait"],
+                    r["cpu"]["broker"],
+                    r["cpu"]["others"],
+                ]
+            )
+    loadgen.print_table(
+        ["run", "rate", "req/s", "events/s", "p50 ms", "p95 ms", "p99 ms", "p99.9 ms", "max ms", "errors"]
+        + ["CPU% sender", "sender CPU µs/event", "gateway waited for CPU %", "CPU% broker", "CPU% other procs"],
+        rows,
+    )
+    print("(CPU% of one core; 'sender' is the gateway, or this process for the bare producer; 'other procs' is")
+    print(" whatever else ran on the machine meanwhile, and 'waited for CPU' the share of the run the gateway was")
+    print(" ready to run but had no core: with much of either, the latencies are the machine's, not this code's)")
+    print(f"bare producer counted: {bare['events_per_s']:,.0f} events/s (the faster run)")
+    for mode, ratio in report["ratio_gateway_over_bare"].items():
+        print(f"ratio gateway/bare, {mode}: {ratio:.2f}x")
+    for mode, ratio in report["cpu_ratio_gateway_over_bare"].items():
+        print(
+            f"ratio of CPU per event, bare/gateway, {mode}: {ratio:.2f}x (the events/s ratio if each had a whole core)"
+        )
+    for name, t in report["targets"].items():
+        verdict = "PASS" if t["pass"] else "MISS"
+        op = ">=" if name == "ratio" else "<="
+        print(f"target {name}: {t['value']:.2f} {op} {t['target']}  {verdict}")
+    half = report["gateway"]["identity"]["half"]
+    print(
+        f"(half-rate identity: service time p99 {half['service_ms']['p99']:.2f} ms, client send lateness p99 "
+        f"{half['send_lateness_ms']['p99']:.2f} ms)"
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
