@@ -51,7 +51,7 @@ class CopySink:
         self.columns = columns
         self.checkpointed = checkpointed
         self.next: dict[int, int] = {}  # partition -> next offset to copy
-        self.last: dict[int, tuple[str, int, str]] = {}  # partition -> (topic, offset, digest) of the last record
+        self.last: dict[int, tuple[str, int, bytes]] = {}  # partition -> (topic, offset, bytes) of the last record
         self.sought: dict[int, float] = {}
         self.rows: dict[str, list[list[Any]]] = {t: [] for t in columns}
         self.acks: list[tuple[Any, Any]] = []
@@ -70,7 +70,7 @@ class CopySink:
                     await self.app.consumer.seek_wait({TP(msg.topic, msg.partition): expected})
                 return
             self.next[msg.partition] = msg.offset + 1
-            self.last[msg.partition] = (msg.topic, msg.offset, record_digest(msg.value))
+            self.last[msg.partition] = (msg.topic, msg.offset, msg.value)  # hashed at flush
         try:
             for table, rows in self.to_rows(msg.value, msg.partition, msg.offset).items():
                 self.rows[table] += rows
@@ -83,7 +83,7 @@ class CopySink:
                 return
             rows, self.rows = self.rows, {t: [] for t in self.columns}
             acks, self.acks = self.acks, []
-            checkpoints = [checkpoint_row(t, p, o, d) for p, (t, o, d) in self.last.items()]
+            checkpoints = [checkpoint_row(t, p, o, record_digest(v)) for p, (t, o, v) in self.last.items()]
             for table, table_rows in rows.items():
                 await self.writer.insert(table, table_rows, self.columns[table])
             await self.writer.insert("stream_checkpoints", checkpoints, CHECKPOINT_COLUMNS)

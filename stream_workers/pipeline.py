@@ -76,8 +76,8 @@ class PartitionState:
     recent: dict[str, deque[tuple[UserEvent, list[Any]]]] = field(default_factory=dict)
     events_next: int = 0  # next offset to process, per topic (records before it are applied)
     assignments_next: int = 0
-    # last processed record per topic: (offset, sha1 of its bytes), for the checkpoint
-    last_record: dict[str, tuple[int, str]] = field(default_factory=dict)
+    # last processed record per topic: (offset, its bytes), for the checkpoint
+    last_record: dict[str, tuple[int, bytes]] = field(default_factory=dict)
     event_rows: list[list[Any]] = field(default_factory=list)
     assignment_rows: list[list[Any]] = field(default_factory=list)
     pending_acks: list[tuple[Any, Any]] = field(default_factory=list)
@@ -237,7 +237,7 @@ class Pipeline:
         else:
             self._on_assignment(part, message.offset, message.value)
             part.assignments_next = message.offset + 1
-        part.last_record[message.topic] = (message.offset, record_digest(message.value))
+        part.last_record[message.topic] = (message.offset, message.value)  # hashed at flush, not per record
         if sum(len(p.event_rows) for p in self.partitions.values()) >= self.flush_rows:
             # Blocks while ClickHouse is away (the writer retries): the agent stops consuming meanwhile.
             await self.flush()
@@ -393,7 +393,8 @@ class Pipeline:
             if p.watermark_ms is not None and (batch["watermark"] is None or p.watermark_ms > batch["watermark"]):
                 batch["watermark"] = p.watermark_ms
             batch["checkpoints"] += [
-                checkpoint_row(topic, p.partition, offset, digest) for topic, (offset, digest) in p.last_record.items()
+                checkpoint_row(topic, p.partition, offset, record_digest(value))
+                for topic, (offset, value) in p.last_record.items()
             ]
         return batch
 
