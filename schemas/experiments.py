@@ -628,6 +628,7 @@ class ABTestOut(BaseModel):
     created_at: datetime | None
     status: Status
     key: str
+    phase: int = Field(description="Current phase: a new phase (new hash seed) re-randomises users.")
     variants: list[ABVariantOut]
 
     @classmethod
@@ -641,6 +642,7 @@ class ABTestOut(BaseModel):
             created_at=created,
             status=experiment.status,
             key=experiment.key,
+            phase=experiment.phase,
             variants=[
                 ABVariantOut(
                     id=v.variant_id,

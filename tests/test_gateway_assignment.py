@@ -733,7 +733,7 @@ def test_arkforge_assign_reasons(targeted: tuple[dict[str, Any], Gateways]) -> N
 
 # ================================================================================ ArkForge ab-tests
 
-TEST_KEYS = {"id", "test_name", "description", "created_at", "status", "key", "variants"}
+TEST_KEYS = {"id", "test_name", "description", "created_at", "status", "key", "phase", "variants"}
 VARIANT_KEYS = {"id", "test_id", "variant_name", "description", "weight", "created_at", "key"}
 ASSIGN_KEYS = {
     "test_id",
@@ -955,6 +955,7 @@ def test_arkforge_patch_rules_and_new_phase(pair: Gateways) -> None:
         )
         assert resp.status_code == 200, resp.text
         assert [v["weight"] for v in resp.json()["variants"]] == pytest.approx([0.25, 0.75])
+        assert resp.json()["phase"] == 2
 
         def phase2_on_a() -> dict[str, Any] | None:
             ans = a.post(f"/apiv1/ab-tests/{test_id}/assign", json={"user_id": users[0]}).json()
