@@ -231,11 +231,8 @@ def build(settings: Settings) -> faust.App:
     @app.on_partitions_assigned.connect
     async def on_assigned(app: faust.App, assigned: set[Any], **kwargs: Any) -> None:
         """Hold processing until the partitions are positioned at their checkpoints (see below)."""
-        mine = {tp.partition for tp in assigned if tp.topic in pipeline_topics}
-        for p in list(pipeline.partitions):
-            if p not in mine:
-                pipeline.partitions.pop(p, None)
         positioned.clear()
+        pipeline.partitions.clear()  # every partition is rebuilt from its checkpoint once positioned
         generation = app.consumer_generation_id
 
         async def position() -> None:
@@ -279,6 +276,7 @@ def build(settings: Settings) -> faust.App:
 
     @app.on_partitions_revoked.connect
     async def on_revoked(app: faust.App, revoked: set[Any], **kwargs: Any) -> None:
+        positioned.clear()  # nothing is processed until the new assignment is positioned
         pipeline.revoke({tp.partition for tp in revoked if tp.topic in pipeline_topics})
 
     return app
