@@ -262,7 +262,7 @@ def test_ab_test_create_seed_example_becomes_a_running_experiment() -> None:
     ]
     assert exp.created_at == NOW and exp.seed == "homepage_button_color"
     out = ABTestOut.from_experiment(exp).model_dump(mode="json")
-    assert set(out) == {"id", "test_name", "description", "created_at", "status", "key", "variants"}
+    assert set(out) == {"id", "test_name", "description", "created_at", "status", "key", "phase", "variants"}
     assert set(out["variants"][0]) == {"id", "test_id", "variant_name", "description", "weight", "created_at", "key"}
     assert out["variants"][1] | {"created_at": None} == {
         "id": 7002,
