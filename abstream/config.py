@@ -15,6 +15,9 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+KAFKA_COMPRESSIONS = ("zstd", "snappy", "lz4", "gzip", "none")
+
+
 def _setting(env: str, default: Any, doc: str) -> Any:
     return field(default=default, metadata={"env": env, "doc": doc})
 
@@ -46,6 +49,11 @@ class Settings:
     kafka_partitions: int = _setting("ABSTREAM_KAFKA_PARTITIONS", 4, "Partitions of topics abstream creates.")
     kafka_replication_factor: int = _setting(
         "ABSTREAM_KAFKA_REPLICATION", 1, "Replication factor of topics abstream creates."
+    )
+    kafka_compression: str = _setting(
+        "ABSTREAM_KAFKA_COMPRESSION",
+        "zstd",
+        "Compression of produced batches: zstd (level 1), snappy, lz4, gzip or none.",
     )
     kafka_produce_timeout_s: float = _setting(
         "ABSTREAM_PRODUCE_TIMEOUT_S",
@@ -125,6 +133,12 @@ class Settings:
         "ABSTREAM_ENRICH_LOOKBACK_S", 300, "How long a late assignment can still re-enrich events already written."
     )
     log_level: str = _setting("ABSTREAM_LOG_LEVEL", "INFO", "Log level of every abstream process.")
+
+    def __post_init__(self) -> None:
+        if self.kafka_compression not in KAFKA_COMPRESSIONS:
+            raise ValueError(
+                f"ABSTREAM_KAFKA_COMPRESSION: {self.kafka_compression!r} is not one of {', '.join(KAFKA_COMPRESSIONS)}"
+            )
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:

@@ -45,6 +45,7 @@ async def post_event_batch(request: Request) -> Response:
     core = _core(request)
     payload = await read_json(request, core.settings)
     result = ingest_apiv1_batch(payload, core.received_at_ms(), core.settings, core.dedup)
+    del payload  # free the parsed body before the Kafka await, not after: see gateway/ingest.py "Memory"
     return JSONResponse(await core.ingest(result))
 
 

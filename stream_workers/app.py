@@ -26,6 +26,8 @@ def create_app(settings: Settings) -> faust.App:
         f"{settings.kafka_topic_prefix}abstream-workers",
         broker=[f"kafka://{hp.strip()}" for hp in settings.kafka_bootstrap_servers.split(",")],
         store="memory://",
+        # Faust's default datadir is "<app id>-data" in the working directory; keep it in ours.
+        datadir=f"{settings.data_dir}/workers/{{conf.name}}",
         producer_acks=-1,
         producer_compression_type="lz4",
         broker_rebalance_timeout=6,

@@ -1,9 +1,10 @@
 """End-to-end ingestion: events/s the gateway acknowledges, next to a bare aiokafka producer on the same broker.
 
 A benchmark, not a timed test (``abstream bench ingest``). It starts a private stack (tansu on a free port and
-one ``abstream gateway`` process, unique topic prefix), then from SEPARATE load processes posts realistic
-``POST /v1/events`` batches (50 events of ~300 bytes, one user's session per request, client event_ids; each
-run posts ids the gateway has not seen, so nothing is skipped as a duplicate):
+``abstream gateway`` with one server process per core, as deployed, or ``--gateway-workers N``; unique topic
+prefix), then from SEPARATE load processes posts realistic ``POST /v1/events`` batches (50 events of ~300 bytes,
+one user's session per request, client event_ids; each run posts ids the gateway has not seen, so nothing is
+skipped as a duplicate):
 
 1. max rate, identity and gzip bodies: ``wrk`` (closed loop, 32 connections) with ``wrk/events.lua``
    replaying a pre-generated pool of bodies (or, without wrk, this package's asyncio client in closed loop);
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from collections import deque
@@ -138,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="distinct request bodies per run (default: enough to outrun the dedup cache)",
     )
+    parser.add_argument(
+        "--gateway-workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="gateway server processes (ABSTREAM_GATEWAY_WORKERS; default: one per core, as in production)",
+    )
     parser.add_argument("--connections", type=int, default=32, help="wrk connections at max rate (default 32)")
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (default 1: leave cores to the gateway)")
     parser.add_argument("--half-connections", type=int, default=64, help="connections of the fixed-rate client")
@@ -180,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {mode: {} for mode in modes}
     bare_runs: list[dict[str, Any]] = []
     gzip_ratio = None
-    with loadgen.private_stack(keep_dir=args.keep_logs) as stack:
+    with loadgen.private_stack(keep_dir=args.keep_logs, gateway_workers=args.gateway_workers) as stack:
         s = stack.settings
         url = f"{stack.gateway_url}/v1/events"
         print(f"stack: tansu {s.kafka_bootstrap_servers}, gateway {stack.gateway_url} (pid {stack.gateway_pid})")
@@ -259,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
             "duration_s": args.duration,
             "max_client": f"wrk -t{args.threads} -c{args.connections}" if wrk else "python closed loop",
             "half_client": f"python open loop, {args.half_connections}..512 connections",
-            "gateway": "1 process (abstream gateway, uvicorn)",
+            "gateway": f"{args.gateway_workers} process{'es' if args.gateway_workers > 1 else ''} "
+            f"(abstream gateway, uvicorn) on {os.cpu_count()} cores",
             "producer_settings": producer,
         },
         "bare_producer": {"runs": bare_runs, "events_per_s": bare["events_per_s"]},

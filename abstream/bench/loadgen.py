@@ -451,8 +451,11 @@ class PrivateStack:
 
 
 @contextlib.contextmanager
-def private_stack(gateway: bool = True, keep_dir: bool = False) -> Iterator[PrivateStack]:
+def private_stack(gateway: bool = True, keep_dir: bool = False, gateway_workers: int = 1) -> Iterator[PrivateStack]:
     """A broker and a gateway of our own on free ports; everything is stopped when the block ends.
+
+    ``gateway_workers`` > 1 runs the gateway as in production on several cores: uvicorn server processes
+    sharing the port (ABSTREAM_GATEWAY_WORKERS); ``gateway_pid`` is then their parent.
 
     ClickHouse is deliberately absent (CLICKHOUSE_URL points at a closed port): the gateway never writes it,
     and its registry only tries it, best effort, to restore experiments when the topic is empty.
@@ -474,6 +477,7 @@ def private_stack(gateway: bool = True, keep_dir: bool = False) -> Iterator[Priv
         log_level="WARNING",
         admin_token="",
         data_dir=str(work_dir),
+        gateway_workers=gateway_workers,
     )
     bootstrap = settings.kafka_bootstrap_servers
     broker = Child(
@@ -626,7 +630,8 @@ def py_spy(pid: int, path: str | None, duration_s: float) -> Iterator[None]:
         print("py-spy is not installed (.venv/bin/pip install py-spy); no profile recorded", file=sys.stderr)
         yield
         return
-    argv = [exe, "record", "--pid", str(pid), "--duration", str(max(1, int(duration_s))), "-o", path, "--nonblocking"]
+    argv = [exe, "record", "--pid", str(pid), "--duration", str(max(1, int(duration_s))), "-o", path]
+    argv += ["--nonblocking", "--subprocesses"]  # uvicorn's server processes too, with ABSTREAM_GATEWAY_WORKERS
     if path.endswith(".txt"):
         argv += ["--format", "raw"]  # collapsed stacks: easy to sum self time per function
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_PREEXEC)  # noqa: PLW1509
