@@ -9,6 +9,7 @@ import asyncio
 import gc
 import logging
 import sys
+from pathlib import Path
 
 import faust
 from aiohttp.web import Response
@@ -22,12 +23,14 @@ GC_THRESHOLDS = (50_000, 50, 100)
 
 def create_app(settings: Settings) -> faust.App:
     """A Faust app whose settings keep consumer-group joins fast (seconds, not 30 s) on tansu and Kafka."""
+    datadir = Path(settings.data_dir) / "workers"
+    datadir.mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
     app = faust.App(
         f"{settings.kafka_topic_prefix}abstream-workers",
         broker=[f"kafka://{hp.strip()}" for hp in settings.kafka_bootstrap_servers.split(",")],
         store="memory://",
         # Faust's default datadir is "<app id>-data" in the working directory; keep it in ours.
-        datadir=f"{settings.data_dir}/workers/{{conf.name}}",
+        datadir=str(datadir / "{conf.name}"),
         producer_acks=-1,
         producer_compression_type="lz4",
         broker_rebalance_timeout=6,

@@ -107,6 +107,8 @@ def isolated_settings(infra: Infra, **overrides: object) -> Settings:
         "kafka_topic_prefix": f"t{tag}.",
         "admin_token": "",
         "log_level": os.environ.get("ABSTREAM_TEST_LOG_LEVEL", "WARNING"),
+        # worker state (Faust's data dir) under the stack's temp dir, never the repository's .abstream-data
+        "data_dir": str((infra.data_dir or Path(tempfile.gettempdir())) / f"abstream-test-{tag}"),
     }
     values.update(overrides)
     return Settings.from_env(**values)
