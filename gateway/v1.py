@@ -30,7 +30,9 @@ async def post_events(request: Request) -> Response:
     payload = await read_json(request, core.settings)
     note_user(request, payload.get("anonymous_user_id") if isinstance(payload, dict) else None)
     result = ingest_v1(payload, core.received_at_ms(), core.settings, core.dedup)
-    del payload  # free the parsed body before the Kafka await, not after: see gateway/ingest.py "Memory"
+    # Free the parsed body now rather than after the Kafka await: kept alive across it, every in-flight
+    # request's hundreds of dicts survive into the collector's older generations (measured: +5% req/s).
+    del payload
     return JSONResponse(await core.ingest(result))
 
 
