@@ -46,9 +46,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    from gateway.app import run
+    from gateway.server import serve
 
-    run(_settings(args, gateway_port=args.port, gateway_host=args.host))
+    serve(_settings(args, gateway_port=args.port, gateway_host=args.host))
     return 0
 
 

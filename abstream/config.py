@@ -68,7 +68,7 @@ class Settings:
     clickhouse_database: str = _setting("CLICKHOUSE_DATABASE", "abstream", "Database holding abstream tables.")
     gateway_host: str = _setting("ABSTREAM_GATEWAY_HOST", "127.0.0.1", "Interface the gateway binds.")
     gateway_workers: int = _setting(
-        "ABSTREAM_GATEWAY_WORKERS", 1, "Gateway server processes sharing the port (one per core in production)."
+        "ABSTREAM_GATEWAY_WORKERS", 1, "Gateway server processes, one SO_REUSEPORT socket each (one per core in prod)."
     )
     gateway_port: int = _setting("ABSTREAM_GATEWAY_PORT", 20000, "Gateway HTTP port (the ArkForge seed's).")
     broker_port: int = _setting("ABSTREAM_BROKER_PORT", 9092, "Port of the embedded tansu broker.")

@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import os
 from collections.abc import AsyncIterator
 from importlib.metadata import PackageNotFoundError, version
 
@@ -131,25 +130,3 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
     app.state.openapi = build_openapi(ENDPOINTS, _version())
     return app
-
-
-def run(settings: Settings) -> None:
-    """`abstream gateway`: serve with uvicorn (uvloop + httptools where installed).
-
-    With ABSTREAM_GATEWAY_WORKERS > 1, uvicorn forks that many server processes sharing the port; each
-    builds its app from the environment, so the effective settings (flags included) are exported first.
-    Each process has its own Kafka producer, registry follower and (best-effort) dedup cache.
-    """
-    import uvicorn
-
-    options = {
-        "host": settings.gateway_host,
-        "port": settings.gateway_port,
-        "log_level": settings.log_level.lower(),
-        "access_log": False,
-    }
-    if settings.gateway_workers > 1:
-        os.environ.update(settings.as_env())
-        uvicorn.run("gateway.app:create_app", factory=True, workers=settings.gateway_workers, **options)
-    else:
-        uvicorn.run(create_app(settings), **options)

@@ -259,16 +259,16 @@ def machine() -> dict[str, Any]:
 class CpuMeter:
     """CPU used during a block, in % of ONE core: each named pid (with its descendants), this process, its
     reaped children (the load processes), the whole machine, and everything else (other users of a shared box
-    skew the figures); plus ``NAME_runqueue_wait``: % of the time NAME's main process was runnable but waiting
-    for a CPU, which is what other processes add to its latency."""
+    skew the figures); plus ``NAME_runqueue_wait``: % of the time NAME's processes (summed over the tree, like
+    the CPU) were runnable but waiting for a CPU, which is what other processes add to their latency."""
 
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
         self.result: dict[str, float] = {}
 
     @staticmethod
-    def _tree_ticks(pids: dict[str, int]) -> dict[str, int]:
-        """utime + stime of each named process and its live descendants (e.g. uvicorn workers)."""
+    def _trees(pids: dict[str, int]) -> dict[str, tuple[list[int], int]]:
+        """Each named process with its live descendants (e.g. uvicorn workers), and their utime + stime."""
         stats: dict[int, tuple[int, int]] = {}  # pid -> (ppid, ticks)
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
@@ -283,12 +283,12 @@ class CpuMeter:
             children.setdefault(ppid, []).append(pid)
         out = {}
         for name, root in pids.items():
-            total, todo = 0, [root]
+            tree, todo = [], [root]
             while todo:
                 pid = todo.pop()
-                total += stats.get(pid, (0, 0))[1]
+                tree.append(pid)
                 todo.extend(children.get(pid, ()))
-            out[name] = total
+            out[name] = (tree, sum(stats.get(pid, (0, 0))[1] for pid in tree))
         return out
 
     @staticmethod
@@ -323,13 +323,14 @@ class CpuMeter:
     def _snapshot(self) -> tuple[float, dict[str, int], tuple[int, int], float, float, dict[str, int]]:
         import resource
 
+        trees = self._trees(self.pids)
         return (
             time.perf_counter(),
-            self._tree_ticks(self.pids),
+            {name: ticks for name, (_, ticks) in trees.items()},
             self._machine_ticks(),
             self._rusage(resource.RUSAGE_SELF),
             self._rusage(resource.RUSAGE_CHILDREN),
-            {name: self._runqueue_wait_ns(pid) for name, pid in self.pids.items()},
+            {name: sum(self._runqueue_wait_ns(pid) for pid in tree) for name, (tree, _) in trees.items()},
         )
 
     def __enter__(self) -> CpuMeter:
