@@ -78,7 +78,7 @@ hardly ever trigger one."""
 async def _tune_gc(app: Starlette) -> None:
     """Set :data:`GC_THRESHOLDS`; once ready (every lazy import done, the registry loaded), move what is alive
     into the permanent generation, so that no collection traverses the ~60,000 objects of the modules again.
-    Runs in the lifespan, so every server process (uvicorn workers included) does it."""
+    Runs in the lifespan, so every server process (ABSTREAM_GATEWAY_WORKERS) does it."""
     gc.set_threshold(*GC_THRESHOLDS)
     core: GatewayCore = app.state.core
     await core.publisher.wait_ready()

@@ -127,7 +127,8 @@ def test_killed_server_process_is_replaced_and_stop_leaves_nothing(two_process_g
     time.sleep(0.5)
     alive = [pid for pid in after if Path(f"/proc/{pid}").exists() and b"Z" not in _state(pid)]
     assert alive == [], f"server processes left after the supervisor stopped: {alive}"
-    with socket.socket() as probe:  # and the port is free again
+    with socket.socket() as probe:  # and nothing listens on the port any more (TIME_WAIT leftovers aside)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(("127.0.0.1", port))
 
 

@@ -268,7 +268,7 @@ class CpuMeter:
 
     @staticmethod
     def _trees(pids: dict[str, int]) -> dict[str, tuple[list[int], int]]:
-        """Each named process with its live descendants (e.g. uvicorn workers), and their utime + stime."""
+        """Each named process with its live descendants (e.g. gateway server processes), and their utime + stime."""
         stats: dict[int, tuple[int, int]] = {}  # pid -> (ppid, ticks)
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
