@@ -55,6 +55,9 @@ class Settings:
         "zstd",
         "Compression of produced batches: zstd (level 1), snappy, lz4, gzip or none.",
     )
+    kafka_linger_ms: int = _setting(
+        "ABSTREAM_KAFKA_LINGER_MS", 0, "How long the producer waits to fill a batch (0: send when the broker is free)."
+    )
     kafka_produce_timeout_s: float = _setting(
         "ABSTREAM_PRODUCE_TIMEOUT_S",
         5.0,

@@ -95,7 +95,7 @@ def producer_settings(settings: Settings) -> dict[str, Any]:
         # No linger: aiokafka keeps one produce request in flight per broker, so records accumulate into
         # batches while it is out anyway (measured: same or better events/s than linger_ms=5 under
         # `abstream bench ingest`); a linger only delays lone records, e.g. an assignment's (p50 5.5 -> ~1.5 ms).
-        "linger_ms": 0,
+        "linger_ms": settings.kafka_linger_ms,
         "max_batch_size": 256 * 1024,
         "max_request_size": 4 * 1024 * 1024,
         "request_timeout_ms": int(settings.kafka_produce_timeout_s * 1000),
