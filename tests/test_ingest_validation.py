@@ -616,6 +616,12 @@ class TestRecords:
         with pytest.raises(ValueError):
             decode_record(b"garbage")
 
+    def test_dedup_keys_are_unambiguous_strings(self) -> None:
+        """Strings (no GC container per remembered id) that still tell ("ab", "c") from ("a", "bc")."""
+        assert dedup_key("ab", "c") != dedup_key("a", "bc")
+        assert dedup_key("1:a", "b") != dedup_key("1", ":ab")
+        assert isinstance(dedup_key("u", "e"), str)
+
     def test_large_user_batch_is_split(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(ingest_mod, "MAX_RECORD_BYTES", 2000)
         events = [ev(event_id=f"e{i}", properties={"pad": "x" * 300}) for i in range(20)]
@@ -625,7 +631,8 @@ class TestRecords:
         seen = [e["event_id"] for r in result.records for e in decode_record(r.value)["events"]]
         assert seen == [f"e{i}" for i in range(20)]
         assert all(len(r.value) <= 2000 for r in result.records)
-        assert [k[1] for r in result.records for k in r.dedup_keys] == seen
+        user = "550e8400-e29b-41d4-a716-446655440000"
+        assert [k for r in result.records for k in r.dedup_keys] == [dedup_key(user, e) for e in seen]
         assert [i for r in result.records for i in r.event_ids] == seen
 
 
