@@ -65,14 +65,14 @@ async def health_ready(request: Request) -> Response:
 
 GC_THRESHOLDS = (5_000, 10, 10)
 """The gateway's garbage-collector thresholds (Python's default is 700, 10, 10). Measured under
-``abstream bench ingest`` (2-core box): every in-flight /v1/events request keeps a few hundred containers alive
-across its Kafka await, so with the defaults they survived into the old generations and set off ~2-3 full
-collections per second, 20-60 ms each (~20 % of the gateway's CPU, and its p99). With the start-up heap
-frozen (:func:`_tune_gc`) and a larger young generation, full collections stop: gateway CPU per 50-event
-request 1.01 -> 0.74 ms, p99 at maximum rate 92 -> 44 ms. 5,000 rather than 20,000: the same throughput, and
-young collections of ~2-6 ms instead of ~12 ms (half-rate p99 24 -> 10 ms in the same quiet window); 50,000
-made 20-30 ms pauses. Young collections count survivors only, so an assignment request's short-lived objects
-hardly ever trigger one."""
+``abstream bench ingest`` (2-core box): with the defaults, every in-flight /v1/events request kept a few hundred
+containers alive across its Kafka await (the parsed body, one result dict per event, dedup-key tuples), so
+they survived into the old generations and set off ~2-3 full collections per second, 20-60 ms each (~20 % of
+the gateway's CPU, and its p99). Since then the start-up heap is frozen (:func:`_tune_gc`), the parsed body is
+freed before the await, and results and dedup keys are strings until the answer is serialised
+(``gateway/ingest.py``): at ~700 requests/s per process a young collection now runs about once in 5 s, so the
+threshold hardly matters any more (5,000 and 20,000 measured the same within the box's noise)."""
+
 
 
 async def _tune_gc(app: Starlette) -> None:

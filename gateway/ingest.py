@@ -241,7 +241,7 @@ class DedupCache:
     remembered id is never published, hence never remembered, again.
     It flags retries best-effort: another gateway process or a restart does not know these ids, and two
     concurrent requests with one id may both publish, so the warehouse still deduplicates on event_id.
-    At the default 200,000 ids it holds about 40 MB.
+    At the default 200,000 ids (36-character ids, UUID user ids) it holds about 33 MB.
     """
 
     __slots__ = ("capacity", "_half", "_young", "_old")
