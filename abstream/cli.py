@@ -48,7 +48,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_gateway(args: argparse.Namespace) -> int:
     from gateway.server import serve
 
-    serve(_settings(args, gateway_port=args.port, gateway_host=args.host))
+    serve(_settings(args, gateway_port=args.port, gateway_host=args.host, gateway_workers=args.workers))
     return 0
 
 
@@ -69,6 +69,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         gateway_port=args.gateway_port,
         worker_web_port=args.worker_web_port,
         data_dir=args.data_dir,
+        gateway_workers=args.gateway_workers,
     )
     return run_dev(settings, workers=args.workers)
 
@@ -124,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("gateway", cmd_gateway, "Run the Starlette gateway (both API surfaces).")
     p.add_argument("--port", type=int, help="listen port (default: ABSTREAM_GATEWAY_PORT or 20000)")
     p.add_argument("--host", help="bind address (default: ABSTREAM_GATEWAY_HOST or 127.0.0.1)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="server processes, own SO_REUSEPORT socket each (default: ABSTREAM_GATEWAY_WORKERS or 1)",
+    )
 
     p = add("worker", cmd_worker, "Run one Faust stream worker.")
     p.add_argument("--web-port", type=int, help="health/web port (default: ABSTREAM_WORKER_WEB_PORT or 6066)")
@@ -137,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clickhouse-port", type=int, help="default: ABSTREAM_CLICKHOUSE_PORT or 8123")
     p.add_argument("--gateway-port", type=int, help="default: ABSTREAM_GATEWAY_PORT or 20000")
     p.add_argument("--worker-web-port", type=int, help="default: ABSTREAM_WORKER_WEB_PORT or 6066")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--workers", type=int, default=1, help="stream worker processes (default 1)")
+    p.add_argument("--gateway-workers", type=int, help="gateway server processes (default: ABSTREAM_GATEWAY_WORKERS)")
     p.add_argument("--data-dir", help="default: ABSTREAM_DATA_DIR or ./.abstream-data")
 
     add(

@@ -193,6 +193,7 @@ def run_dev(settings: Settings, workers: int = 1) -> int:
         worker_web_port=settings.worker_web_port,
         data_dir=str(data_dir),
         admin_token=token,
+        gateway_workers=settings.gateway_workers,
     )
     env = child_settings.as_env()
     infra, apps = stack_children(child_settings, workers, log_dir)
@@ -222,7 +223,8 @@ def run_dev(settings: Settings, workers: int = 1) -> int:
             wait_healthy(child, 90)
         print(f"abstream dev: healthy in {time.monotonic() - t0:.1f}s (Ctrl-C stops everything)")
         for child in started:
-            print(f"  {child.name:<11} {child.address}")
+            extra = f"  ({child_settings.gateway_workers} server processes)" if child.name == "gateway" else ""
+            print(f"  {child.name:<11} {child.address}{extra}")
         print(f"  admin token {token}  (Authorization: Bearer …)")
         print(f"  logs        {log_dir}/")
         sys.stdout.flush()
