@@ -9,6 +9,7 @@ is read from the start and already-written events are dropped by event_id.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterable
@@ -68,13 +69,12 @@ async def resume_offsets(writer: ClickHouseWriter, settings: Settings, tps: Iter
         {"topics": sorted({tp.topic for tp in tps})},
     )
     saved = {TP(t, p): (int(o), h) for t, p, o, h in rows}
-    out: dict[TP, int] = {}
-    for tp in tps:
-        out[tp] = 0
-        if tp not in saved:
-            continue
+    out: dict[TP, int] = dict.fromkeys(tps, 0)
+    checked = [tp for tp in tps if tp in saved]
+    # all at once: on an empty (restarted) broker every check waits out its fetch timeout
+    found_at = await asyncio.gather(*(record_at(settings, tp, saved[tp][0]) for tp in checked))
+    for tp, found in zip(checked, found_at, strict=True):
         offset, digest = saved[tp]
-        found = await record_at(settings, tp, offset)
         if found is None or (found[0] == offset and found[1] != digest):
             log.warning(
                 "%s[%d]: the record at checkpoint %d is gone or different: the topic was recreated; "
