@@ -29,6 +29,10 @@ from abstream.config import Settings
 log = logging.getLogger("abstream.gateway")
 
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
+QUICK_EXIT_S = 15.0
+MAX_QUICK_EXITS = 3
+"""A server process that exits within QUICK_EXIT_S of its start this many times in a row cannot start at all
+(a malformed tests.json, a bad setting): the supervisor stops everything and exits 1 instead of looping."""
 STOP_GRACE_S = 10.0
 
 
@@ -90,8 +94,10 @@ class Supervisor:
         self.context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked event loop
         self.processes: dict[int, BaseProcess] = {}
         self.restarts: dict[int, int] = {}
+        self.quick_exits: dict[int, int] = {}
         self.started_at: dict[int, float] = {}
         self.stopping = False
+        self.failed = False
 
     def _start(self, index: int) -> None:
         proc = self.context.Process(target=_server_process, args=(self.env, index), name=f"gateway-{index}")
@@ -122,12 +128,21 @@ class Supervisor:
                 s.gateway_host,
                 s.gateway_port,
             )
-            while not self.stopping:
+            while not self.stopping and not self.failed:
                 time.sleep(0.2)
                 for index, proc in list(self.processes.items()):
                     if proc.is_alive() or self.stopping:
                         continue
                     lived = time.monotonic() - self.started_at[index]
+                    quick = self.quick_exits[index] = self.quick_exits.get(index, 0) + 1 if lived < QUICK_EXIT_S else 0
+                    if quick >= MAX_QUICK_EXITS:
+                        log.error(
+                            "gateway server process %d exited %d times within %.0fs of starting (last code %s); "
+                            "giving up: see its error above",
+                            index, quick, QUICK_EXIT_S, proc.exitcode,
+                        )  # fmt: skip
+                        self.failed = True
+                        break
                     n = 0 if lived > 60 else self.restarts.get(index, 0)  # back off only while it keeps failing
                     delay = RESTART_BACKOFF_S[min(n, len(RESTART_BACKOFF_S) - 1)]
                     log.error(
@@ -140,6 +155,8 @@ class Supervisor:
         finally:
             self._stop_all()
             holder.close()
+        if self.failed:
+            raise SystemExit(1)
 
     def _stop_all(self) -> None:
         for proc in self.processes.values():

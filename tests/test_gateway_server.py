@@ -153,3 +153,23 @@ def test_busy_port_is_one_clear_line(settings: Settings) -> None:
         )
     assert done.returncode != 0
     assert f"cannot bind 127.0.0.1:{port}" in done.stderr and "--port" in done.stderr, done.stderr
+
+
+def test_server_processes_that_cannot_start_stop_the_supervisor(settings: Settings, tmp_path: Path) -> None:
+    """A malformed tests.json kills every server process at start: exit 1 with the reason, not a restart loop."""
+    import subprocess
+    import sys
+
+    manifest = tmp_path / "tests.json"
+    manifest.write_text('{"experiments": [{"name": 3}]}')
+    env = {
+        **os.environ,
+        **dataclasses.replace(
+            settings, gateway_workers=2, gateway_port=free_port(), manifest_path=str(manifest), log_level="INFO"
+        ).as_env(),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "abstream.cli", "gateway"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "giving up" in done.stderr and "experiments" in done.stderr, done.stderr[-2000:]
