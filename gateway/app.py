@@ -34,6 +34,7 @@ from gateway.openapi import build_openapi
 from gateway.publisher import Publisher
 from gateway.registry import Registry
 from schemas.errors import ApiError
+from schemas.health import Liveness, Readiness
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,21 @@ async def health_ready(request: Request) -> Response:
     if core.registry.startup_error:
         body["error"] = core.registry.startup_error
     return JSONResponse(body, status_code=200 if ok else 503)
+
+
+HEALTH_ENDPOINTS = [
+    Endpoint("GET", "/health/live", health_live, "Liveness: the process answers", "health", responses={200: Liveness}),
+    Endpoint(
+        "GET",
+        "/health/ready",
+        health_ready,
+        "Readiness: Kafka connected and the experiment registry loaded",
+        "health",
+        responses={200: Readiness, 503: Readiness},
+        description="503, with the same body, while Kafka is not connected or the registry is still loading "
+        "(or failed to load: see `error`).",
+    ),
+]
 
 
 GC_THRESHOLDS = (5_000, 10, 10)
@@ -112,12 +128,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await registry.stop()
             await publisher.stop()
 
-    routes = [Route(ep.path, ep.handler, methods=[ep.method]) for ep in ENDPOINTS]
-    routes += [
-        Route("/health/live", health_live, methods=["GET"]),
-        Route("/health/ready", health_ready, methods=["GET"]),
-        Route("/openapi.json", openapi, methods=["GET"]),
-    ]
+    routes = [Route(ep.path, ep.handler, methods=[ep.method]) for ep in (*ENDPOINTS, *HEALTH_ENDPOINTS)]
+    routes.append(Route("/openapi.json", openapi, methods=["GET"]))
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
@@ -128,5 +140,5 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Exception: unhandled_error_handler,
         },
     )
-    app.state.openapi = build_openapi(ENDPOINTS, _version())
+    app.state.openapi = build_openapi([*ENDPOINTS, *HEALTH_ENDPOINTS], _version())
     return app

@@ -701,6 +701,8 @@ def test_openapi_describes_both_surfaces_and_matches_live_answers(gw: Gateways) 
             resolve(req("post", "/apiv1/ab-tests/{test_id}/track"))["properties"]
         )
         assert resolve(req("post", "/apiv1/events/batch"))["type"] == "array"
+        validate(c.get("/health/live").json(), "get", "/health/live", 200)
+        validate(c.get("/health/ready").json(), "get", "/health/ready", 200)
 
         # live answers validate against the documented schemas
         user = unique("openapi")
