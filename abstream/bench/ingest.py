@@ -206,12 +206,14 @@ def main(argv: list[str] | None = None) -> int:
         # warm-up (imports, caches, producer connections), not reported
         _check(stack, _load_max(args, url, pool("warm", False), False, wrk, 3), "warm-up")
 
-        values = bare_values(payloads, "bare1")
-        print(f"bare aiokafka producer, one record per event, {args.bare_duration:.0f}s ...", flush=True)
-        with loadgen.measured_run(stack.pids(), args) as cpu:
-            bare_runs.append(loadgen.run_async(bare_producer(s, values, args.bare_duration)))
-        bare_runs[-1]["cpu"] = cpu.result
-        del values
+        def run_bare(tag: str, what: str) -> None:
+            values = bare_values(payloads, tag)
+            print(f"bare aiokafka producer, {what}, {args.bare_duration:.0f}s ...", flush=True)
+            with loadgen.measured_run(stack.pids(), args) as cpu:
+                bare_runs.append(loadgen.run_async(bare_producer(s, values, args.bare_duration)))
+            bare_runs[-1]["cpu"] = cpu.result
+
+        run_bare("bare1", "one record per event")
 
         for mode in modes:
             gz = mode == "gzip"
@@ -248,12 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             r["cpu"] = cpu.result
             results[mode]["half"] = _check(stack, r, f"{mode} half")
 
-        values = bare_values(payloads, "bare2")
-        print(f"bare aiokafka producer again, {args.bare_duration:.0f}s ...", flush=True)
-        with loadgen.measured_run(stack.pids(), args) as cpu:
-            bare_runs.append(loadgen.run_async(bare_producer(s, values, args.bare_duration)))
-        bare_runs[-1]["cpu"] = cpu.result
-        del values
+        run_bare("bare2", "again")
         from abstream.kafka import producer_settings
 
         producer = {k: v for k, v in producer_settings(s).items() if k != "bootstrap_servers"}

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import gc
 import gzip
 import os
@@ -42,6 +41,7 @@ from typing import Any
 import orjson
 
 from abstream.config import Settings
+from abstream.devstack.broker import die_with_parent
 
 WRK_INSTALL = "apt-get install -y wrk"
 WRK_LUA = Path(__file__).resolve().parent / "wrk" / "events.lua"
@@ -407,14 +407,7 @@ def measured_run(pids: dict[str, int], args: argparse.Namespace) -> Iterator[Cpu
 # ------------------------------------------------------------------------------------ the stack
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-_PREEXEC = _die_with_parent if sys.platform.startswith("linux") else None
+_PREEXEC = die_with_parent if sys.platform.startswith("linux") else None
 
 
 @contextlib.contextmanager
