@@ -538,7 +538,7 @@ class _Batch:
         "dedup",
         "ids",
         "groups",
-        "results",
+        "entries",
         "rejected_records",
         "request_keys",
         "accepted",
@@ -551,7 +551,7 @@ class _Batch:
         self.dedup = dedup
         self.ids: _ServerIds | None = None
         self.groups: dict[str, tuple[list[dict[str, Any]], list[str], list[DedupKey | None]]] = {}
-        self.results: list[str | dict[str, Any]] = []  # IngestResult.entries
+        self.entries: list[str | dict[str, Any]] = []
         self.rejected_records: list[PublishRecord] = []
         self.request_keys: set[DedupKey] = set()
         self.accepted = 0
@@ -569,7 +569,7 @@ class _Batch:
         else:
             key = dedup_key(user_id, event_id)
             if key in self.request_keys or (self.dedup is not None and self.dedup.seen(key)):
-                self.results.append({"index": index, "status": "accepted", "event_id": event_id, "duplicate": True})
+                self.entries.append({"index": index, "status": "accepted", "event_id": event_id, "duplicate": True})
                 self.accepted += 1
                 self.duplicates += 1
                 return
@@ -582,12 +582,12 @@ class _Batch:
         group[0].append(event)
         group[1].append(event_id)
         group[2].append(key)
-        self.results.append(event_id)
+        self.entries.append(event_id)
         self.accepted += 1
 
     def reject(self, index: int, exc: _Reject, prefix: str, event: object, user_id: str | None) -> None:
         path = f"{prefix}.{exc.field}" if prefix and exc.field else (prefix or exc.field or "body")
-        self.results.append(
+        self.entries.append(
             {"index": index, "status": "rejected", "code": exc.code, "field": path, "message": exc.message}
         )
         raw, truncated = _raw(event)
@@ -616,7 +616,7 @@ class _Batch:
             received_at_ms=self.received_at_ms,
             records=records,
             rejected_records=self.rejected_records,
-            entries=self.results,
+            entries=self.entries,
             accepted=self.accepted,
             rejected=len(self.rejected_records),
             duplicates=self.duplicates,
@@ -702,7 +702,7 @@ def ingest_v1(payload: Any, received_at_ms: int, settings: Settings, dedup: Dedu
     old = dedup._old if dedup is not None else _NOTHING
     request_keys = batch.request_keys
     key_prefix = dedup_prefix(user_id)
-    results = batch.results
+    entries = batch.entries
     out_events: list[dict[str, Any]] = []
     out_ids: list[str] = []
     out_keys: list[DedupKey | None] = []
@@ -785,7 +785,7 @@ def ingest_v1(payload: Any, received_at_ms: int, settings: Settings, dedup: Dedu
         else:
             key = key_prefix + event_id  # dedup_key(user_id, event_id), its user part computed once
             if key in request_keys or key in young or key in old:
-                results.append({"index": index, "status": "accepted", "event_id": event_id, "duplicate": True})
+                entries.append({"index": index, "status": "accepted", "event_id": event_id, "duplicate": True})
                 batch.duplicates += 1
                 continue
             request_keys.add(key)
@@ -803,8 +803,8 @@ def ingest_v1(payload: Any, received_at_ms: int, settings: Settings, dedup: Dedu
         out_events.append(record_event)
         out_ids.append(event_id)
         out_keys.append(key)
-        results.append(event_id)  # the result object is built when the answer is serialised
-    batch.accepted = len(results) - len(batch.rejected_records)
+        entries.append(event_id)  # the result object is built when the answer is serialised
+    batch.accepted = len(entries) - len(batch.rejected_records)
     if out_events:
         batch.groups[user_id] = (out_events, out_ids, out_keys)
     return batch.finish()

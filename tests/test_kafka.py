@@ -12,7 +12,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from abstream.bench import loadgen
 from abstream.config import KAFKA_COMPRESSIONS, Settings
-from abstream.kafka import ZSTD_LEVEL, producer_settings
+from abstream.kafka import CODEC_LEVELS, producer_settings
 
 
 def test_unknown_compression_is_refused_naming_the_variable() -> None:
@@ -31,7 +31,7 @@ def test_compression_setting_reaches_the_producer(name: str) -> None:
 def test_zstd_batches_use_our_level_not_aiokafkas_three() -> None:
     producer_settings(Settings.from_env({}))
     data = b"".join(loadgen.v1_body(p, "zstd") for p in loadgen.make_v1_payloads(8, 50))  # ~130 KB of events
-    assert codec.zstd_encode(data) == bytes(cramjam.zstd.compress(data, level=ZSTD_LEVEL))
+    assert codec.zstd_encode(data) == bytes(cramjam.zstd.compress(data, level=CODEC_LEVELS["zstd"]))
     assert codec.zstd_encode(data) != bytes(cramjam.zstd.compress(data, level=3))
 
 
