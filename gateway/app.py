@@ -90,7 +90,6 @@ freed before the await, and results and dedup keys are strings until the answer 
 threshold hardly matters any more (5,000 and 20,000 measured the same within the box's noise)."""
 
 
-
 async def _tune_gc(app: Starlette) -> None:
     """Set :data:`GC_THRESHOLDS`; once ready (every lazy import done, the registry loaded), move what is alive
     into the permanent generation, so that no collection traverses the ~60,000 objects of the modules again.

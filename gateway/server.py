@@ -134,7 +134,8 @@ class Supervisor:
                     if proc.is_alive() or self.stopping:
                         continue
                     lived = time.monotonic() - self.started_at[index]
-                    quick = self.quick_exits[index] = self.quick_exits.get(index, 0) + 1 if lived < QUICK_EXIT_S else 0
+                    quick = self.quick_exits.get(index, 0) + 1 if lived < QUICK_EXIT_S else 0
+                    self.quick_exits[index] = quick
                     if quick >= MAX_QUICK_EXITS:
                         log.error(
                             "gateway server process %d exited %d times within %.0fs of starting (last code %s); "
