@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 from abstream.config import Settings, settings_table
 from abstream.devstack.ports import PortBusyError
@@ -75,9 +76,21 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from clickhouse_connect.driver.exceptions import OperationalError
+
+    from abstream.clickhouse import failure_reason, public_url
     from stream_workers.verify import run
 
-    return run(_settings(args))
+    settings = _settings(args)
+    try:
+        return run(settings)
+    except OperationalError as exc:  # the endpoint did not answer: nothing was compared
+        reason = failure_reason(exc)
+        print(
+            f"abstream verify: cannot reach ClickHouse at {public_url(settings)} (CLICKHOUSE_URL): {reason}",
+            file=sys.stderr,
+        )
+        return 2
 
 
 BENCHMARKS = ("ingest", "assign", "bucketing", "validation", "worker")
@@ -91,7 +104,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    current = Settings.from_env().as_env()
+    from abstream.clickhouse import public_url
+
+    settings = Settings.from_env()
+    current = settings.as_env()
+    # Secrets are not printed (terminals and CI logs keep them): whether one is set is what this answers.
+    hidden = "(set, not shown)"
+    if settings.admin_token:
+        current["ABSTREAM_ADMIN_TOKEN"] = hidden
+    if urlsplit(settings.clickhouse_url).password:
+        current["CLICKHOUSE_URL"] = f"{public_url(settings)}  (password set, not shown)"
     for env, default, doc in settings_table():
         print(f"{env}={current[env]}    # {doc} (default: {default})")
     return 0
@@ -166,12 +188,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+ONE_SHOT = ("migrate", "verify")
+"""Commands that run once and exit (not services)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=Settings.from_env().log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.command in ONE_SHOT:
+        # A one-line error says what went wrong; the client libraries' retry warnings would bury it in tracebacks.
+        # (urllib3.connectionpool itself: clickhouse-connect sets the "urllib3" logger's level when imported)
+        for name in ("urllib3.connectionpool", "clickhouse_connect"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         return int(args.handler(args) or 0)
     except PortBusyError as exc:

@@ -35,6 +35,23 @@ def connect_args(settings: Settings, database: Any = _DEFAULT, **extra: Any) -> 
     return args
 
 
+def public_url(settings: Settings) -> str:
+    """CLICKHOUSE_URL without its password, for messages: a connection error must not print a secret."""
+    url = urlsplit(settings.clickhouse_url)
+    user = f"{unquote(url.username)}@" if url.username else ""
+    port = f":{url.port}" if url.port else ""
+    return f"{url.scheme or 'http'}://{user}{url.hostname or '127.0.0.1'}{port}"
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The innermost cause of a clickhouse-connect error, e.g. ``[Errno 111] Connection refused`` rather than
+    urllib3's retry wrapper around it (which repeats the URL and a query id)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 300 else text[:300] + "…"
+
+
 def client(settings: Settings, **extra: Any) -> Client:
     return clickhouse_connect.get_client(**connect_args(settings, **extra))
 

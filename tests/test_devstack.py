@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -155,6 +156,18 @@ def test_dev_comes_up_healthy_and_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
             assert port_open("127.0.0.1", port)
         assert "admin token" in text
         assert _pids_with(str(data_dir)), "children should be running"
+        # The banner says what another shell needs to reach this stack (ports are not the defaults here),
+        # and that command works as printed.
+        tools = next(line for line in out if line.startswith("  tools"))
+        words = shlex.split(tools.split("  tools", 1)[1].split("(", 1)[0])
+        assignments = dict(w.split("=", 1) for w in words if "=" in w)
+        assert assignments["CLICKHOUSE_URL"].endswith(f":{ports['clickhouse']}")
+        assert assignments["KAFKA_BOOTSTRAP_SERVERS"] == f"127.0.0.1:{ports['broker']}"
+        assert words[len(assignments) :] == ["abstream", "verify"]
+        verify = subprocess.run(
+            [*ABSTREAM, "verify"], env={**env, **assignments}, capture_output=True, text=True, timeout=120
+        )
+        assert verify.returncode == 0, verify.stdout + verify.stderr
     finally:
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=60)
@@ -186,3 +199,29 @@ def test_infra_fixture_reports_mode(infra: Infra) -> None:
     assert infra.mode in {"embedded", "testcontainers", "external"}
     host, _, port = infra.kafka_bootstrap.rpartition(":")
     assert port_open(host, int(port))
+
+
+@pytest.mark.parametrize(("command", "code"), [("verify", 2), ("migrate", 1)])
+def test_unreachable_clickhouse_is_one_clear_line_without_the_password(command: str, code: int) -> None:
+    port = free_port()  # nothing listens there
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ABSTREAM_", "KAFKA_", "CLICKHOUSE_"))}
+    env["CLICKHOUSE_URL"] = f"http://alice:s3cret-pw@127.0.0.1:{port}"
+    result = subprocess.run([*ABSTREAM, command], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == code, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"abstream {command}: cannot reach ClickHouse at http://alice@127.0.0.1:{port}")
+    assert "Connection refused" in lines[0]
+    assert "s3cret-pw" not in result.stdout + result.stderr
+
+
+def test_config_lists_every_setting_but_no_secret() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ABSTREAM_", "KAFKA_", "CLICKHOUSE_"))}
+    env.update(ABSTREAM_ADMIN_TOKEN="tok-s3cret", CLICKHOUSE_URL="http://alice:pw-s3cret@ch.internal:8123")
+    result = subprocess.run([*ABSTREAM, "config"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "s3cret" not in result.stdout
+    lines = {line.split("=", 1)[0]: line for line in result.stdout.splitlines()}
+    assert "set, not shown" in lines["ABSTREAM_ADMIN_TOKEN"]
+    assert lines["CLICKHOUSE_URL"].startswith("CLICKHOUSE_URL=http://alice@ch.internal:8123")
+    assert "KAFKA_BOOTSTRAP_SERVERS" in lines and "ABSTREAM_GATEWAY_WORKERS" in lines

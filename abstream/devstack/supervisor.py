@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shlex
 import signal
 import subprocess
 import sys
@@ -176,6 +177,15 @@ def check_ports(settings: Settings, workers: int) -> None:
         ensure_port_free(host, settings.worker_web_port + i, "worker", "--worker-web-port")
 
 
+def tools_env(stack: Settings) -> dict[str, str]:
+    """What ``abstream verify`` (or ``migrate``) run from another shell must set to reach this stack: the
+    stack's Kafka and ClickHouse addresses where they differ from what that shell's environment gives
+    (non-default ``--broker-port`` / ``--clickhouse-port``)."""
+    shell = Settings.from_env().as_env()
+    ours = stack.as_env()
+    return {name: ours[name] for name in ("KAFKA_BOOTSTRAP_SERVERS", "CLICKHOUSE_URL") if ours[name] != shell[name]}
+
+
 def run_dev(settings: Settings, workers: int = 1) -> int:
     from abstream.migrate import MigrationError, migrate
 
@@ -226,6 +236,10 @@ def run_dev(settings: Settings, workers: int = 1) -> int:
             extra = f"  ({child_settings.gateway_workers} server processes)" if child.name == "gateway" else ""
             print(f"  {child.name:<11} {child.address}{extra}")
         print(f"  admin token {token}  (Authorization: Bearer …)")
+        tools = tools_env(child_settings)
+        if tools:
+            assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in tools.items())
+            print(f"  tools       {assignments} abstream verify  (or migrate: other commands need these)")
         print(f"  logs        {log_dir}/")
         sys.stdout.flush()
         while True:
