@@ -17,6 +17,7 @@ from typing import Any
 
 import faust
 import orjson
+from aiohttp.web import Response
 from faust.types import TP
 
 from abstream.config import TOPIC_ASSIGNMENTS, TOPIC_EVENTS, TOPIC_EXPERIMENTS, TOPIC_REJECTED, Settings
@@ -196,6 +197,14 @@ def build(settings: Settings) -> faust.App:
     experiments_topic = app.topic(settings.topic(TOPIC_EXPERIMENTS), key_serializer="raw", value_serializer="raw")
 
     positioned = asyncio.Event()  # set once every assigned partition is at its checkpoint
+
+    @app.page("/ready")
+    async def ready(web: object, request: object) -> Response:
+        """200 once this worker has joined its consumer group and positioned its partitions (processing);
+        503 before that and during a rebalance. ``/health`` only says the process answers."""
+        ok = positioned.is_set()
+        body = '{"status":"ready"}' if ok else '{"status":"not_ready","reason":"joining the group or rebalancing"}'
+        return Response(text=body, status=200 if ok else 503, content_type="application/json")
 
     @app.agent(user_topics)
     async def user_stream(stream: faust.StreamT) -> None:

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,9 @@ def test_dev_comes_up_healthy_and_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
             assert port_open("127.0.0.1", port)
         assert "admin token" in text
         assert _pids_with(str(data_dir)), "children should be running"
+        # "healthy" includes the worker being in its consumer group with its partitions positioned
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports['worker']}/ready", timeout=5) as ready:
+            assert ready.status == 200 and b'"ready"' in ready.read()
         # The banner says what another shell needs to reach this stack (ports are not the defaults here),
         # and that command works as printed.
         tools = next(line for line in out if line.startswith("  tools"))

@@ -152,7 +152,8 @@ def stack_children(settings: Settings, workers: int, log_dir: Path | None) -> tu
                 f"worker-{i + 1}",
                 abstream_argv("worker", "--web-port", str(port)),
                 f"http://{host}:{port}/health",
-                lambda port=port: http_ok(f"http://{host}:{port}/health"),
+                # ready = in its consumer group with partitions positioned: "healthy" then means consuming
+                lambda port=port: http_ok(f"http://{host}:{port}/ready"),
                 log_path=log(f"worker-{i + 1}"),
             )
         )
