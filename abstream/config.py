@@ -85,9 +85,7 @@ class Settings:
     manifest_path: str = _setting(
         "ABSTREAM_MANIFEST", str(REPO_ROOT / "tests.json"), "Experiment manifest loaded into the registry."
     )
-    migrations_dir: str = _setting(
-        "ABSTREAM_MIGRATIONS_DIR", str(REPO_ROOT / "clickhouse"), "Ordered SQL migrations."
-    )
+    migrations_dir: str = _setting("ABSTREAM_MIGRATIONS_DIR", str(REPO_ROOT / "clickhouse"), "Ordered SQL migrations.")
     admin_token: str = _setting(
         "ABSTREAM_ADMIN_TOKEN",
         "",
@@ -103,9 +101,7 @@ class Settings:
     max_compression_ratio: int = _setting(
         "ABSTREAM_MAX_COMPRESSION_RATIO", 100, "Decompressed/compressed size cap against gzip bombs: else 413."
     )
-    max_events_per_batch: int = _setting(
-        "ABSTREAM_MAX_EVENTS_PER_BATCH", 1000, "Most events in one request: else 413."
-    )
+    max_events_per_batch: int = _setting("ABSTREAM_MAX_EVENTS_PER_BATCH", 1000, "Most events in one request: else 413.")
     max_future_skew_s: int = _setting(
         "ABSTREAM_MAX_FUTURE_SKEW_S", 300, "How far occurred_at may lie in the future (seed rule: 5 minutes)."
     )
@@ -116,9 +112,7 @@ class Settings:
         "ABSTREAM_MAX_PROPERTIES_BYTES", 16_384, "Largest serialised properties/context object of one event."
     )
     max_json_depth: int = _setting("ABSTREAM_MAX_JSON_DEPTH", 8, "Deepest nesting of properties/context.")
-    max_id_length: int = _setting(
-        "ABSTREAM_MAX_ID_LENGTH", 128, "Longest user/session/install/event id accepted."
-    )
+    max_id_length: int = _setting("ABSTREAM_MAX_ID_LENGTH", 128, "Longest user/session/install/event id accepted.")
     dedup_cache_size: int = _setting(
         "ABSTREAM_DEDUP_CACHE_SIZE", 200_000, "event_ids each gateway process remembers to flag retries."
     )

@@ -59,9 +59,7 @@ async def read_json(request: Request, settings: Settings) -> Any:
                 raise ApiError(413, "payload_too_large", f"body is larger than {settings.max_body_bytes} bytes")
             chunks.append(chunk)
         body = b"".join(chunks)
-    return decode_body(
-        request.headers.get("content-type"), request.headers.get("content-encoding"), body, settings
-    )
+    return decode_body(request.headers.get("content-type"), request.headers.get("content-encoding"), body, settings)
 
 
 async def api_error_handler(request: Request, exc: Exception) -> Response:

@@ -90,4 +90,3 @@ _DESCRIPTIONS = {
     501: "Not implemented yet",
     503: "Kafka did not acknowledge (nothing accepted) or still starting; see Retry-After",
 }
-

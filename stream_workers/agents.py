@@ -31,6 +31,7 @@ from stream_workers.sink import ClickHouseWriter
 
 log = logging.getLogger(__name__)
 
+
 class CopySink:
     """Copy of one topic into ClickHouse tables, resumed from its checkpoint (stream_workers.checkpoints).
 

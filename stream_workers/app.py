@@ -85,6 +85,5 @@ def run(settings: Settings, web_port: int | None = None) -> None:
     gc.freeze()  # what start-up allocated is never garbage: keep it out of every collection
     app = agents.build(settings)
     level = {"warning": "warn", "critical": "crit"}.get(settings.log_level.lower(), settings.log_level.lower())
-    sys.argv = [sys.argv[0], "worker", "--loglevel", level, "--web-port", str(port),
-                "--web-host", "127.0.0.1"]
+    sys.argv = [sys.argv[0], "worker", "--loglevel", level, "--web-port", str(port), "--web-host", "127.0.0.1"]
     app.main()

@@ -91,7 +91,6 @@ class PartitionState:
         return u
 
 
-
 class Pipeline:
     def __init__(self, settings: Settings, app: faust.App, writer: ClickHouseWriter) -> None:
         self.settings = settings

@@ -117,9 +117,7 @@ class UserState:
 
     def attribution_for(self, received_at_ms: int) -> tuple[Assignment, ...]:
         """Assignments known when the event was received (the enrichment rule)."""
-        return tuple(
-            a for _, a in sorted(self.assignments.items()) if a.assigned_at_ms <= received_at_ms
-        )
+        return tuple(a for _, a in sorted(self.assignments.items()) if a.assigned_at_ms <= received_at_ms)
 
     def add_event(self, ev: UserEvent, funnels: Funnels, sign: int = 1) -> None:
         """Count (sign=1) or uncount (sign=-1) one event in the summaries."""

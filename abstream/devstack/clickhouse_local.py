@@ -97,8 +97,7 @@ _STATUS_BY_CODE: dict[int, int] = {194: 401}
 _STATUS_BY_CODE.update(dict.fromkeys((192, 193, 497, 512, 516), 403))
 _STATUS_BY_CODE.update(
     dict.fromkeys(
-        (6, 8, 15, 25, 26, 27, 36, 37, 38, 41, 44, 53, 62, 72, 117, 123, 167, 168, 223, 321, 376, 427, 441,
-         675, 676),
+        (6, 8, 15, 25, 26, 27, 36, 37, 38, 41, 44, 53, 62, 72, 117, 123, 167, 168, 223, 321, 376, 427, 441, 675, 676),
         400,
     )
 )
@@ -123,7 +122,7 @@ class ClickHouseError(Exception):
         match = _CODE_RE.search(text)
         if match is None:
             return cls(STD_EXCEPTION, f"Code: {STD_EXCEPTION}. DB::Exception: {text or type(exc).__name__}")
-        return cls(int(match.group(1)), text[match.start():])
+        return cls(int(match.group(1)), text[match.start() :])
 
     @classmethod
     def new(cls, code: int, name: str, text: str) -> ClickHouseError:
@@ -447,9 +446,25 @@ def content_type_for(fmt: str) -> str:
 # URL arguments that are part of the HTTP protocol, not settings (HTTPHandler's reserved names).
 _RESERVED_PARAMS = frozenset(
     {
-        "query", "database", "default_format", "user", "password", "quota_key", "query_id", "session_id",
-        "session_timeout", "session_check", "close_session", "compress", "decompress", "buffer_size",
-        "wait_end_of_query", "stacktrace", "role", "client_protocol_version", "readonly",
+        "query",
+        "database",
+        "default_format",
+        "user",
+        "password",
+        "quota_key",
+        "query_id",
+        "session_id",
+        "session_timeout",
+        "session_check",
+        "close_session",
+        "compress",
+        "decompress",
+        "buffer_size",
+        "wait_end_of_query",
+        "stacktrace",
+        "role",
+        "client_protocol_version",
+        "readonly",
     }
 )
 _SETTING_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -566,8 +581,9 @@ class Slot:
         """Put the connection in the request's state; returns the effective settings."""
         desired = {**self.base, **settings}
         if desired != self.current:
-            assignments = [f"{name} = {_literal(value)}" for name, value in desired.items()
-                           if self.current.get(name) != value]
+            assignments = [
+                f"{name} = {_literal(value)}" for name, value in desired.items() if self.current.get(name) != value
+            ]
             for name in self.current.keys() - desired.keys():
                 baseline = self.engine.baseline.get(name)
                 assignments.append(f"{name} = {'DEFAULT' if baseline is None else _literal(baseline)}")
@@ -630,8 +646,15 @@ class Response:
     headers: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _summary(read_rows: int, read_bytes: int, written_rows: int, written_bytes: int, result_rows: int,
-             result_bytes: int, elapsed_s: float) -> str:
+def _summary(
+    read_rows: int,
+    read_bytes: int,
+    written_rows: int,
+    written_bytes: int,
+    result_rows: int,
+    result_bytes: int,
+    elapsed_s: float,
+) -> str:
     """X-ClickHouse-Summary; values are strings as ClickHouse sends them (clients call isnumeric())."""
     return json.dumps(
         {
@@ -687,7 +710,8 @@ class Executor:
             chunks = []
         if params.get("decompress", "0") not in ("", "0"):
             raise ClickHouseError.new(
-                NOT_IMPLEMENTED, "NOT_IMPLEMENTED",
+                NOT_IMPLEMENTED,
+                "NOT_IMPLEMENTED",
                 "decompress=1 (ClickHouse-native compressed body) is not supported by the embedded endpoint; "
                 "use Content-Encoding",
             )
@@ -712,25 +736,24 @@ class Executor:
             head += b"\n"
             split = split_insert(head)
             if split is not None:  # clickhouse-connect: statement in the URL, (binary) data = body
-                data = [head[split.data_offset:], *chunks]
+                data = [head[split.data_offset :], *chunks]
         if split is None:
             sql_bytes = head + b"".join(chunks)
             split = split_insert(sql_bytes)
             if split is not None:
-                data = [sql_bytes[split.data_offset:]]
+                data = [sql_bytes[split.data_offset :]]
         statement_bytes = split.statement.encode() if split is not None else sql_bytes
 
         info = slot.conn.classify_query(statement_bytes.decode("utf-8", "replace"))
         if info["statement_count"] == 0 and not statement_bytes.strip(b" \t\r\n;"):
             raise ClickHouseError.new(SYNTAX_ERROR, "SYNTAX_ERROR", "Empty query")
         if info["statement_count"] > 1:
-            raise ClickHouseError.new(
-                SYNTAX_ERROR, "SYNTAX_ERROR", "Syntax error (Multi-statements are not allowed)"
-            )
+            raise ClickHouseError.new(SYNTAX_ERROR, "SYNTAX_ERROR", "Syntax error (Multi-statements are not allowed)")
         query_class = info["query_class"].name
         if request.method == "GET" and query_class in _MUTATING:
             raise ClickHouseError.new(
-                READONLY, "READONLY",
+                READONLY,
+                "READONLY",
                 "Cannot execute query in readonly mode. For queries over HTTP, method GET implies readonly. "
                 "You should use method POST for modifying queries",
             )
@@ -768,8 +791,7 @@ class Executor:
                 headers.append(("content-encoding", codec))
         return Response(200, body, headers)
 
-    def _insert(self, slot: Slot, split: InsertSplit, data: list[bytes],
-                started: float) -> tuple[bytes, str]:
+    def _insert(self, slot: Slot, split: InsertSplit, data: list[bytes], started: float) -> tuple[bytes, str]:
         conn = slot.conn
         try:
             handle = conn.send_insert(split.statement, split.fmt)
@@ -787,8 +809,9 @@ class Executor:
         rows, size = result.rows_written(), result.bytes_written()
         return b"", _summary(rows, size, rows, size, rows, size, time.perf_counter() - started)
 
-    def _query(self, slot: Slot, sql_bytes: bytes, default_fmt: str, query_params: dict[str, str],
-               started: float) -> tuple[bytes, str]:
+    def _query(
+        self, slot: Slot, sql_bytes: bytes, default_fmt: str, query_params: dict[str, str], started: float
+    ) -> tuple[bytes, str]:
         try:
             sql = sql_bytes.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -796,8 +819,13 @@ class Executor:
         result = slot.run(sql, default_fmt, query_params)
         body = result.bytes()
         summary = _summary(
-            result.storage_rows_read(), result.storage_bytes_read(), result.rows_written(),
-            result.bytes_written(), result.rows_read(), result.bytes_read(), time.perf_counter() - started,
+            result.storage_rows_read(),
+            result.storage_bytes_read(),
+            result.rows_written(),
+            result.bytes_written(),
+            result.rows_read(),
+            result.bytes_read(),
+            time.perf_counter() - started,
         )
         return body, summary
 
@@ -877,8 +905,7 @@ class App:
         head_only = method == "HEAD"
         raw_query = scope.get("query_string", b"").decode("utf-8", "replace")
         if path in ("/ping", "/replicas_status") or (path == "/" and method in ("GET", "HEAD") and not raw_query):
-            await self._send(send, Response(200, b"Ok.\n", [("content-type", "text/html; charset=UTF-8")]),
-                             head_only)
+            await self._send(send, Response(200, b"Ok.\n", [("content-type", "text/html; charset=UTF-8")]), head_only)
             return
         params = dict(parse_qsl(raw_query, keep_blank_values=True))
         query_id = params.get("query_id") or str(uuid.uuid4())
@@ -890,7 +917,8 @@ class App:
             return
         if path != "/" and method != "POST" and not params:  # as ClickHouse: any path takes queries
             error = ClickHouseError.new(
-                UNSUPPORTED_METHOD, "UNSUPPORTED_METHOD",
+                UNSUPPORTED_METHOD,
+                "UNSUPPORTED_METHOD",
                 f"There is no handle {path}. Use / or /ping for health checks, send queries to / (GET or POST)",
             )
             await self._send(send, replace(self.executor.error(error, query_id), status=404), head_only)
@@ -918,8 +946,9 @@ class App:
         response = await self._in_session(request, session_id, query_id, loop)
         await self._send(send, response, head_only)
 
-    async def _in_session(self, request: Request, session_id: str, query_id: str,
-                          loop: asyncio.AbstractEventLoop) -> Response:
+    async def _in_session(
+        self, request: Request, session_id: str, query_id: str, loop: asyncio.AbstractEventLoop
+    ) -> Response:
         """Run on the session's own connection; one query at a time per session, as ClickHouse."""
         params = request.params
         session = self.sessions.get(session_id)
@@ -1012,7 +1041,10 @@ def serve(host: str, port: int, data_path: str, *, workers: int = DEFAULT_WORKER
         server = _Server(config)
         log.warning(
             "clickhouse-local (chDB %s, development/test endpoint) serving http://%s:%d, data %s",
-            engine.version, host, bound_port, engine.path,
+            engine.version,
+            host,
+            bound_port,
+            engine.path,
         )
         server.run(sockets=[sock])
     finally:
@@ -1035,8 +1067,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8123, help="HTTP port (default 8123, ClickHouse's)")
     parser.add_argument("--path", required=True, help="chDB data directory (created if missing)")
-    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
-                        help=f"worker threads, each with its own chDB connection (default {DEFAULT_WORKERS})")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=DEFAULT_WORKERS,
+        help=f"worker threads, each with its own chDB connection (default {DEFAULT_WORKERS})",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
