@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from abstream.config import Settings, settings_table
+from abstream.config import Settings, SettingsError, redacted_url, settings_table
 from abstream.devstack.ports import PortBusyError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -76,20 +76,16 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from clickhouse_connect.driver.exceptions import OperationalError
+    from clickhouse_connect.driver.exceptions import ClickHouseError
 
-    from abstream.clickhouse import failure_reason, public_url
+    from abstream.clickhouse import describe_failure
     from stream_workers.verify import run
 
     settings = _settings(args)
     try:
         return run(settings)
-    except OperationalError as exc:  # the endpoint did not answer: nothing was compared
-        reason = failure_reason(exc)
-        print(
-            f"abstream verify: cannot reach ClickHouse at {public_url(settings)} (CLICKHOUSE_URL): {reason}",
-            file=sys.stderr,
-        )
+    except ClickHouseError as exc:  # unreachable, or it answered an error: nothing was compared
+        print(f"abstream verify: {describe_failure(settings, exc)}", file=sys.stderr)
         return 2
 
 
@@ -104,8 +100,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from abstream.clickhouse import public_url
-
     settings = Settings.from_env()
     current = settings.as_env()
     # Secrets are not printed (terminals and CI logs keep them): whether one is set is what this answers.
@@ -113,7 +107,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     if settings.admin_token:
         current["ABSTREAM_ADMIN_TOKEN"] = hidden
     if urlsplit(settings.clickhouse_url).password:
-        current["CLICKHOUSE_URL"] = f"{public_url(settings)}  (password set, not shown)"
+        current["CLICKHOUSE_URL"] = f"{redacted_url(settings.clickhouse_url)}  (password set, not shown)"
     for env, default, doc in settings_table():
         print(f"{env}={current[env]}    # {doc} (default: {default})")
     return 0
@@ -194,10 +188,12 @@ ONE_SHOT = ("migrate", "verify")
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=Settings.from_env().log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    try:
+        log_level = Settings.from_env().log_level.upper()
+    except SettingsError as exc:
+        print(f"abstream {args.command}: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command in ONE_SHOT:
         # A one-line error says what went wrong; the client libraries' retry warnings would bury it in tracebacks.
         # (urllib3.connectionpool itself: clickhouse-connect sets the "urllib3" logger's level when imported)
@@ -205,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(name).setLevel(logging.ERROR)
     try:
         return int(args.handler(args) or 0)
-    except PortBusyError as exc:
+    except (PortBusyError, SettingsError) as exc:
         print(f"abstream {args.command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -9,7 +9,7 @@ import clickhouse_connect
 from clickhouse_connect.driver.asyncclient import AsyncClient
 from clickhouse_connect.driver.client import Client
 
-from abstream.config import Settings
+from abstream.config import Settings, redacted_url
 
 _DEFAULT = object()
 
@@ -36,20 +36,29 @@ def connect_args(settings: Settings, database: Any = _DEFAULT, **extra: Any) -> 
 
 
 def public_url(settings: Settings) -> str:
-    """CLICKHOUSE_URL without its password, for messages: a connection error must not print a secret."""
-    url = urlsplit(settings.clickhouse_url)
-    user = f"{unquote(url.username)}@" if url.username else ""
-    port = f":{url.port}" if url.port else ""
-    return f"{url.scheme or 'http'}://{user}{url.hostname or '127.0.0.1'}{port}"
+    """CLICKHOUSE_URL without its password (a message must not print a secret), with the port in use."""
+    return redacted_url(settings.clickhouse_url, 8443 if urlsplit(settings.clickhouse_url).scheme == "https" else 8123)
 
 
 def failure_reason(exc: BaseException) -> str:
-    """The innermost cause of a clickhouse-connect error, e.g. ``[Errno 111] Connection refused`` rather than
-    urllib3's retry wrapper around it (which repeats the URL and a query id)."""
+    """The innermost cause of a clickhouse-connect error on one line, e.g. ``[Errno 111] Connection refused``
+    rather than urllib3's retry wrapper around it (which repeats the URL and a query id)."""
     while exc.__cause__ is not None:
         exc = exc.__cause__
-    text = str(exc) or type(exc).__name__
+    text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 300 else text[:300] + "…"
+
+
+def describe_failure(settings: Settings, exc: BaseException) -> str:
+    """One line for a failed ClickHouse call: not reachable, or the server's own error (code and name)."""
+    from clickhouse_connect.driver.exceptions import OperationalError
+
+    where = f"ClickHouse at {public_url(settings)} (CLICKHOUSE_URL)"
+    reason = failure_reason(exc)
+    if isinstance(exc, OperationalError):
+        return f"cannot reach {where}: {reason}"
+    hint = "; run `abstream migrate` first" if "UNKNOWN_DATABASE" in reason or "UNKNOWN_TABLE" in reason else ""
+    return f"{where} answered with an error: {reason}{hint}"
 
 
 def client(settings: Settings, **extra: Any) -> Client:

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,6 +30,22 @@ def _parse_bool(raw: str) -> bool:
     if value in {"0", "false", "no", "off", ""}:
         return False
     raise ValueError(f"not a boolean: {raw!r}")
+
+
+class SettingsError(ValueError):
+    """A setting's value cannot be used; the message names its environment variable (and shows no secret)."""
+
+
+def redacted_url(raw: str, default_port: int | None = None) -> str:
+    """``raw`` without the password of its user info, its query and its fragment, for messages: the user name
+    stays as written (still percent-encoded), so does the host (``[::1]``). ``default_port`` is added when the
+    URL names none, to show the port actually used."""
+    url = urlsplit(raw)
+    userinfo, at, hostport = url.netloc.rpartition("@")
+    if default_port is not None and (hostport.endswith("]") or ":" not in hostport):
+        hostport = f"{hostport}:{default_port}"
+    netloc = f"{userinfo.split(':', 1)[0]}@{hostport}" if at else hostport
+    return urlunsplit((url.scheme, netloc, url.path, "", ""))
 
 
 @dataclass(frozen=True)
@@ -133,8 +150,18 @@ class Settings:
 
     def __post_init__(self) -> None:
         if self.kafka_compression not in KAFKA_COMPRESSIONS:
-            raise ValueError(
+            raise SettingsError(
                 f"ABSTREAM_KAFKA_COMPRESSION: {self.kafka_compression!r} is not one of {', '.join(KAFKA_COMPRESSIONS)}"
+            )
+        url = urlsplit(self.clickhouse_url)
+        try:
+            url.port  # noqa: B018 - raises ValueError for a port that is not a number in 0..65535
+        except ValueError:
+            url = url._replace(scheme="")
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise SettingsError(
+                "CLICKHOUSE_URL: expected http(s)://[user[:password]@]host[:port], got "
+                f"{redacted_url(self.clickhouse_url)!r}"
             )
 
     @classmethod
@@ -156,7 +183,7 @@ class Settings:
                 else:
                     values[f.name] = raw
             except ValueError as exc:
-                raise ValueError(f"{f.metadata['env']}: {exc}") from exc
+                raise SettingsError(f"{f.metadata['env']}: {exc}") from exc
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

@@ -17,7 +17,7 @@ import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from abstream.clickhouse import connect_args, failure_reason, public_url
+from abstream.clickhouse import connect_args, describe_failure
 from abstream.config import Settings
 
 _MIGRATION_NAME = re.compile(r"^\d{4}_[a-z0-9_]+\.sql$")
@@ -115,9 +115,7 @@ def migrate(settings: Settings, log: bool = True) -> list[str]:
     try:
         client = _bootstrap(settings)
     except ClickHouseError as exc:
-        raise MigrationError(
-            f"cannot reach ClickHouse at {public_url(settings)} (CLICKHOUSE_URL): {failure_reason(exc)}"
-        ) from exc
+        raise MigrationError(describe_failure(settings, exc)) from exc
     applied = {row[0]: row[1] for row in client.query("SELECT name, checksum FROM schema_migrations").result_rows}
     done: list[str] = []
     for migration in migrations:

@@ -229,3 +229,33 @@ def test_config_lists_every_setting_but_no_secret() -> None:
     assert "set, not shown" in lines["ABSTREAM_ADMIN_TOKEN"]
     assert lines["CLICKHOUSE_URL"].startswith("CLICKHOUSE_URL=http://alice@ch.internal:8123")
     assert "KAFKA_BOOTSTRAP_SERVERS" in lines and "ABSTREAM_GATEWAY_WORKERS" in lines
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("ABSTREAM_KAFKA_COMPRESSION", "brotli", "ABSTREAM_KAFKA_COMPRESSION: 'brotli' is not one of"),
+        ("CLICKHOUSE_URL", "http://alice:pw-s3cret@ch.internal:80a", "CLICKHOUSE_URL: expected http(s)://"),
+        ("CLICKHOUSE_URL", "ch.internal:8123", "CLICKHOUSE_URL: expected http(s)://"),
+        ("ABSTREAM_GATEWAY_WORKERS", "two", "ABSTREAM_GATEWAY_WORKERS: invalid literal"),
+    ],
+)
+def test_a_bad_setting_is_one_line_naming_the_variable(variable: str, value: str, expected: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ABSTREAM_", "KAFKA_", "CLICKHOUSE_"))}
+    env[variable] = value
+    for command in ("config", "verify"):
+        result = subprocess.run([*ABSTREAM, command], env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2, result.stdout + result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"abstream {command}: {expected}"), result.stderr
+        assert "s3cret" not in result.stderr
+
+
+def test_verify_against_a_clickhouse_without_the_schema_says_so_in_one_line(infra: Infra) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ABSTREAM_", "KAFKA_", "CLICKHOUSE_"))}
+    env.update(CLICKHOUSE_URL=infra.clickhouse_url, CLICKHOUSE_DATABASE="no_such_db_for_verify")
+    result = subprocess.run([*ABSTREAM, "verify"], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "answered with an error" in lines[0] and "abstream migrate" in lines[0], lines[0]
