@@ -37,7 +37,7 @@ def connect_args(settings: Settings, database: Any = _DEFAULT, **extra: Any) -> 
 
 def public_url(settings: Settings) -> str:
     """CLICKHOUSE_URL without its password (a message must not print a secret), with the port in use."""
-    return redacted_url(settings.clickhouse_url, 8443 if urlsplit(settings.clickhouse_url).scheme == "https" else 8123)
+    return redacted_url(settings.clickhouse_url, connect_args(settings)["port"])
 
 
 def failure_reason(exc: BaseException) -> str:

@@ -48,6 +48,16 @@ def redacted_url(raw: str, default_port: int | None = None) -> str:
     return urlunsplit((url.scheme, netloc, url.path, "", ""))
 
 
+def _is_http_url(raw: str) -> bool:
+    """http(s)://[user[:password]@]host[:port] with a port (if any) in 0..65535."""
+    url = urlsplit(raw)
+    try:
+        url.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError:
+        return False
+    return url.scheme in ("http", "https") and bool(url.hostname)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Effective configuration. Build with ``Settings.from_env()``; never read os.environ elsewhere."""
@@ -153,12 +163,7 @@ class Settings:
             raise SettingsError(
                 f"ABSTREAM_KAFKA_COMPRESSION: {self.kafka_compression!r} is not one of {', '.join(KAFKA_COMPRESSIONS)}"
             )
-        url = urlsplit(self.clickhouse_url)
-        try:
-            url.port  # noqa: B018 - raises ValueError for a port that is not a number in 0..65535
-        except ValueError:
-            url = url._replace(scheme="")
-        if url.scheme not in ("http", "https") or not url.hostname:
+        if not _is_http_url(self.clickhouse_url):
             raise SettingsError(
                 "CLICKHOUSE_URL: expected http(s)://[user[:password]@]host[:port], got "
                 f"{redacted_url(self.clickhouse_url)!r}"
