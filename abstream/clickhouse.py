@@ -40,24 +40,21 @@ def public_url(settings: Settings) -> str:
     return redacted_url(settings.clickhouse_url, connect_args(settings)["port"])
 
 
-def failure_reason(exc: BaseException) -> str:
-    """The innermost cause of a clickhouse-connect error on one line, e.g. ``[Errno 111] Connection refused``
-    rather than urllib3's retry wrapper around it (which repeats the URL and a query id)."""
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 300 else text[:300] + "…"
-
-
 def describe_failure(settings: Settings, exc: BaseException) -> str:
-    """One line for a failed ClickHouse call: not reachable, or the server's own error (code and name)."""
+    """One line for a failed ClickHouse call: not reachable, or the server's own error (code and name). The
+    reason is the innermost cause, e.g. ``[Errno 111] Connection refused`` rather than urllib3's retry wrapper
+    around it (which repeats the URL and a query id), cut to 300 characters after the hint is decided."""
     from clickhouse_connect.driver.exceptions import OperationalError
 
     where = f"ClickHouse at {public_url(settings)} (CLICKHOUSE_URL)"
-    reason = failure_reason(exc)
+    cause = exc
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    text = " ".join(str(cause).split()) or type(cause).__name__
+    reason = text if len(text) <= 300 else text[:300] + "…"
     if isinstance(exc, OperationalError):
         return f"cannot reach {where}: {reason}"
-    hint = "; run `abstream migrate` first" if "UNKNOWN_DATABASE" in reason or "UNKNOWN_TABLE" in reason else ""
+    hint = "; run `abstream migrate` first" if "UNKNOWN_DATABASE" in text or "UNKNOWN_TABLE" in text else ""
     return f"{where} answered with an error: {reason}{hint}"
 
 
