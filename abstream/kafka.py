@@ -7,10 +7,13 @@ that co-partitioning). ``experiments`` is a single-partition compacted topic: th
 
 from __future__ import annotations
 
+import importlib
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
 
+import zstandard
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
@@ -68,24 +71,71 @@ CODEC_LEVELS = {"zstd": 1, "lz4": 1}
 the 2-core box, one stamped 50-event request (31 KB, a batch under moderate load): zstd-1 40 µs at 8.2x
 (zstd-3: 50 µs, 8.3x), lz4-1 21 µs at 5.0x (lz4-9: 125 µs, 6.1x), snappy 23 µs at 4.8x."""
 
+_RECORD_BUILDERS = ("aiokafka.codec", "aiokafka.record.default_records", "aiokafka.record._crecords.default_records")
+"""Where aiokafka looks its encoders up: the codec module, and the record-batch builders (pure Python and C),
+which import ``zstd_encode`` by name, so each module's own binding is the one a batch calls."""
 
-def _set_codec_level(codec_name: str, level: int) -> None:
-    """aiokafka 0.14 has no compression-level option: its ``codec.zstd_encode(payload, level=None)`` (level 3)
-    and ``codec.lz4_encode(payload, level=9)``, which its C record builder calls for every batch, take the
-    level as a keyword default. Give that parameter ours instead."""
+
+class ZstdEncoder:
+    """zstd for producer batches with one compression context per thread, reused batch after batch.
+
+    aiokafka 0.14's ``codec.zstd_encode`` (cramjam) creates a new context for every batch: measured on a 31 KB
+    batch (one stamped 50-event request), 44 µs against 30 µs with the context reused, the same frame size at
+    the same level. The frames are standard zstd frames (content size in the header), which Kafka, tansu and
+    every consumer decompress as before. python-zstandard's compressor is not thread-safe, hence one per thread.
+    """
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+        self._local = threading.local()
+
+    def __call__(self, payload: bytes | bytearray | memoryview, level: int | None = None) -> bytes:
+        """``level`` is accepted for aiokafka's signature and ignored: the context's level is fixed."""
+        compressor = getattr(self._local, "compressor", None)
+        if compressor is None:
+            compressor = self._local.compressor = zstandard.ZstdCompressor(level=self.level)
+        return compressor.compress(payload)
+
+
+def _install_zstd(level: int) -> None:
+    encoder = ZstdEncoder(level)
+    for name in _RECORD_BUILDERS:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # aiokafka built without its C extensions
+            continue
+        current = getattr(module, "zstd_encode", None)
+        if current is None:
+            log.warning("aiokafka's %s has no zstd_encode any more; keeping its zstd encoder", name)
+            return
+        if isinstance(current, ZstdEncoder) and current.level == level:
+            continue
+        module.zstd_encode = encoder  # type: ignore[attr-defined]
+
+
+def _set_lz4_level(level: int) -> None:
+    """aiokafka 0.14 has no compression-level option: its ``codec.lz4_encode(payload, level=9)`` (LZ4 HC), which
+    its record builders call for every batch, takes the level as a keyword default. Give that parameter ours."""
     from aiokafka import codec
 
-    encode = getattr(codec, f"{codec_name}_encode")
-    if encode.__defaults__ not in ((None,), (9,), (level,)):
-        log.warning("aiokafka's %s_encode changed; keeping its default compression level", codec_name)
+    encode = codec.lz4_encode
+    if encode.__defaults__ not in ((9,), (level,)):
+        log.warning("aiokafka's lz4_encode changed; keeping its default compression level")
         return
     encode.__defaults__ = (level,)
 
 
+def install_codec(compression: str) -> None:
+    """Make aiokafka compress at :data:`CODEC_LEVELS` (and zstd with a reused context); idempotent."""
+    if compression == "zstd":
+        _install_zstd(CODEC_LEVELS["zstd"])
+    elif compression == "lz4":
+        _set_lz4_level(CODEC_LEVELS["lz4"])
+
+
 def producer_settings(settings: Settings) -> dict[str, Any]:
     """aiokafka producer arguments: acks=all always; idempotence where the broker supports it."""
-    if settings.kafka_compression in CODEC_LEVELS:
-        _set_codec_level(settings.kafka_compression, CODEC_LEVELS[settings.kafka_compression])
+    install_codec(settings.kafka_compression)
     return {
         "bootstrap_servers": settings.kafka_bootstrap_servers,
         "acks": "all",

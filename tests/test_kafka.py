@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 
 import cramjam
 import pytest
+import zstandard
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, codec
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from abstream.bench import loadgen
 from abstream.config import KAFKA_COMPRESSIONS, Settings
-from abstream.kafka import CODEC_LEVELS, producer_settings
+from abstream.kafka import CODEC_LEVELS, ZstdEncoder, producer_settings
 
 
 def test_unknown_compression_is_refused_naming_the_variable() -> None:
@@ -31,8 +33,35 @@ def test_compression_setting_reaches_the_producer(name: str) -> None:
 def test_zstd_batches_use_our_level_not_aiokafkas_three() -> None:
     producer_settings(Settings.from_env({}))
     data = b"".join(loadgen.v1_body(p, "zstd") for p in loadgen.make_v1_payloads(8, 50))  # ~130 KB of events
-    assert codec.zstd_encode(data) == bytes(cramjam.zstd.compress(data, level=CODEC_LEVELS["zstd"]))
-    assert codec.zstd_encode(data) != bytes(cramjam.zstd.compress(data, level=3))
+    ours = codec.zstd_encode(data)
+    assert ours == zstandard.ZstdCompressor(level=CODEC_LEVELS["zstd"]).compress(data)
+    assert ours != zstandard.ZstdCompressor(level=3).compress(data)
+    assert bytes(cramjam.zstd.decompress(ours)) == data  # what aiokafka's own decoder reads
+
+
+def test_record_batches_are_built_with_the_reused_zstd_context() -> None:
+    """The batch builders (C and Python) call our encoder, and what it writes reads back with aiokafka's decoder."""
+    from aiokafka.record import default_records
+
+    producer_settings(Settings.from_env({}))
+    assert isinstance(default_records.zstd_encode, ZstdEncoder)
+    builder_modules = [default_records]
+    with contextlib.suppress(ImportError):
+        from aiokafka.record._crecords import default_records as c_default_records
+
+        builder_modules.append(c_default_records)
+    values = [loadgen.v1_body(p, "batch") for p in loadgen.make_v1_payloads(3, 50)]
+    for module in builder_modules:
+        assert isinstance(module.zstd_encode, ZstdEncoder)
+        builder = module.DefaultRecordBatchBuilder(
+            magic=2, compression_type=4, is_transactional=False, producer_id=-1, producer_epoch=-1,
+            base_sequence=-1, batch_size=1 << 22,
+        )  # fmt: skip
+        for offset, value in enumerate(values):
+            builder.append(offset, timestamp=None, key=b"k", value=value, headers=[])
+        batch = module.DefaultRecordBatch(bytes(builder.build()))
+        assert batch.compression_type == 4
+        assert [record.value for record in batch] == values
 
 
 @pytest.mark.parametrize("name", ["zstd", "snappy", "none"])
