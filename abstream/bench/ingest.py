@@ -8,8 +8,9 @@ skipped as a duplicate):
 
 1. max rate, identity and gzip bodies: ``wrk`` (closed loop, 32 connections) with ``wrk/events.lua``
    replaying a pre-generated pool of bodies (or, without wrk, this package's asyncio client in closed loop);
-2. half of that maximum, identity and gzip: the asyncio client at a FIXED rate (open loop; latency from each
-   request's scheduled send time, so queueing is not hidden by coordinated omission);
+2. half of that maximum, identity and gzip: a client at a FIXED rate (open loop; latency from each request's
+   scheduled send time, so queueing is not hidden by coordinated omission): ``openloop.c``, built on first use
+   with the system's C compiler, else this package's asyncio client (see ``loadgen``);
 3. a bare aiokafka producer (same ``producer_settings``, acks=all) sending the same events ONE RECORD EACH,
    before and after the gateway runs; the faster of the two counts (the stricter ratio).
 
@@ -151,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (default 1: leave cores to the gateway)")
     parser.add_argument("--half-connections", type=int, default=64, help="connections of the fixed-rate client")
     parser.add_argument("--half-rate", type=float, default=0.0, help="fixed rate in requests/s (default: max / 2)")
+    parser.add_argument(
+        "--half-client",
+        choices=["auto", "c", "python"],
+        default="auto",
+        help="fixed-rate load client: auto (C when a compiler builds it, else asyncio), c, python",
+    )
     parser.add_argument("--client", choices=["auto", "wrk", "python"], default="auto", help="max-rate load generator")
     parser.add_argument("--no-gzip", dest="gzip", action="store_false", help="skip the gzip runs")
     parser.add_argument("--out", type=Path, default=Path("bench-results/ingest.json"))
@@ -246,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                     warmup_s=2.0,
                     connections=args.half_connections,
                     gzip_bodies=gz,
+                    client=args.half_client,
                 )
             r["cpu"] = cpu.result
             results[mode]["half"] = _check(stack, r, f"{mode} half")
@@ -267,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             "gzip_ratio": gzip_ratio,
             "duration_s": args.duration,
             "max_client": f"wrk -t{args.threads} -c{args.connections}" if wrk else "python closed loop",
-            "half_client": f"python open loop, {args.half_connections}..512 connections",
+            "half_client": results[modes[0]]["half"]["client"],
             "gateway": f"{args.gateway_workers} process{'es' if args.gateway_workers > 1 else ''} "
             f"(abstream gateway, uvicorn) on {os.cpu_count()} cores",
             "producer_settings": producer,
