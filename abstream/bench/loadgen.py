@@ -11,7 +11,7 @@
     server cannot hide its queue by slowing the client down (no coordinated omission, as wrk2 does it):
     ``openloop.c``, compiled on first use with the system's C compiler into ``~/.cache/abstream``, or, without
     one, this module's asyncio client (``python -m abstream.bench.loadgen``), the same schedule and accounting
-    at ~2.5x the CPU per request (measured at 1,168 requests/s: 22.5% of a core), taken from the server it
+    at ~1.5-2.5x the CPU per request (at 1,168 requests/s: 19-21% of a core against 8-15%), taken from the server it
     measures on a small box. The asyncio client with ``--rate 0`` is a closed loop, the fallback for wrk.
 * Percentiles, results as JSON, and the table printer.
 """
@@ -597,7 +597,10 @@ def openloop_binary() -> tuple[str | None, str]:
     binary = cache / f"openloop-{digest}"
     if binary.exists():
         return str(binary), ""
-    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return None, f"cannot create {cache} for the C load client: {exc.strerror}"
     tmp = binary.with_name(f"{binary.name}.{os.getpid()}.tmp")
     proc = subprocess.run([cc, "-O2", "-o", str(tmp), str(OPENLOOP_C), "-lm"], capture_output=True, text=True)
     if proc.returncode != 0:

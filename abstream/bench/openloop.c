@@ -374,8 +374,8 @@ int main(int argc, char **argv) {
     for (;;) {
         double now = now_s();
         if (i < total && !stopping) {
-            size_t due = (size_t)((now + half_tick - start) * rate) + 1;
-            if (now + half_tick < start) due = 0;
+            double ahead = (now + half_tick - start) * rate; /* negative before the start: nothing due */
+            size_t due = ahead < 0 ? 0 : (size_t)ahead + 1;
             if (due > total) due = total;
             if (due > i) {
                 if (n_idle == 0) queued += (long)(due - i);
