@@ -158,3 +158,20 @@ def test_the_c_client_reports_a_server_that_goes_away(tmp_path: Path) -> None:
     assert result["errors"] >= 1
     assert any("connection lost" in e for e in result["error_samples"])
     assert result["ok"] == 0
+
+
+def test_ingest_ratio_baseline_is_interpolated_between_the_bare_slices_around_each_gateway_slice() -> None:
+    """The box's speed drifts: each gateway slice is compared with the bare rate at its own time."""
+    from abstream.bench.ingest import bare_at, median_slice
+
+    bare = [{"t_mid": 10.0, "events_per_s": 40_000.0}, {"t_mid": 20.0, "events_per_s": 60_000.0}]
+    bare.append({"t_mid": 30.0, "events_per_s": 60_000.0})
+    assert bare_at(bare, 10.0) == 40_000.0
+    assert bare_at(bare, 12.5) == pytest.approx(45_000.0)
+    assert bare_at(bare, 15.0) == pytest.approx(50_000.0)
+    assert bare_at(bare, 25.0) == pytest.approx(60_000.0)
+    assert bare_at(bare, 5.0) == 40_000.0  # outside the bare slices: the nearest one
+    assert bare_at(bare, 35.0) == 60_000.0
+    slices = [{"ratio": 2.5}, {"ratio": 1.9}, {"ratio": 2.2}, {"ratio": 3.0}]
+    assert median_slice(slices[:3])["ratio"] == 2.2
+    assert median_slice(slices)["ratio"] == 2.2  # even count: the lower middle one

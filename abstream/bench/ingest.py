@@ -6,13 +6,17 @@ prefix), then from SEPARATE load processes posts realistic ``POST /v1/events`` b
 one user's session per request, client event_ids; each run posts ids the gateway has not seen, so nothing is
 skipped as a duplicate):
 
-1. max rate, identity and gzip bodies: ``wrk`` (closed loop, 32 connections) with ``wrk/events.lua``
-   replaying a pre-generated pool of bodies (or, without wrk, this package's asyncio client in closed loop);
-2. half of that maximum, identity and gzip: a client at a FIXED rate (open loop; latency from each request's
-   scheduled send time, so queueing is not hidden by coordinated omission): ``openloop.c``, built on first use
-   with the system's C compiler, else this package's asyncio client (see ``loadgen``);
-3. a bare aiokafka producer (same ``producer_settings``, acks=all) sending the same events ONE RECORD EACH,
-   before and after the gateway runs; the faster of the two counts (the stricter ratio).
+1. max rate, identity and gzip, in ROUNDS that alternate with a bare aiokafka producer (same
+   ``producer_settings``, acks=all) sending the same events ONE RECORD EACH: bare, gateway, bare, gateway, ...,
+   bare (``--rounds`` x ``--slice`` seconds). The gateway is loaded by ``wrk`` (closed loop, 32 connections)
+   with ``wrk/events.lua`` replaying a pre-generated pool of bodies (or, without wrk, this package's asyncio
+   client in closed loop). Each gateway slice is compared with the bare producer's rate interpolated to its
+   middle from the bare slices before and after it: this box's speed drifts by up to 1.5x within minutes, and
+   one bare run before and one after the gateway runs made the verdict depend on the drift. The ratio reported
+   is the median round's;
+2. half of that median round's rate, identity and gzip: a client at a FIXED rate (open loop; latency from each
+   request's scheduled send time, so queueing is not hidden by coordinated omission): ``openloop.c``, built on
+   first use with the system's C compiler, else this package's asyncio client (see ``loadgen``).
 
 Events/s counts only events answered 200 with ``accepted`` and not flagged as duplicates (those are published
 to Kafka). Targets (issue 5): gateway >= 2.0x the bare producer's events/s; p99 <= 25 ms at half of the maximum
@@ -23,11 +27,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
+import statistics
 import sys
 import time
 from collections import deque
 from datetime import UTC, datetime
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +91,7 @@ async def bare_producer(settings: Settings, values: list[tuple[bytes, bytes]], d
         n = len(values)
         i = sent = 0
         start = time.perf_counter()
+        t_start = time.monotonic()
         deadline = start + duration_s
         send = producer.send
         while True:
@@ -99,9 +107,16 @@ async def bare_producer(settings: Settings, values: list[tuple[bytes, bytes]], d
                 break
         await asyncio.gather(*window)
         elapsed = time.perf_counter() - start
+        t_mid = (t_start + time.monotonic()) / 2
     finally:
         await producer.stop()
-    return {"events": sent, "elapsed_s": elapsed, "events_per_s": sent / elapsed, "records_per_event": 1}
+    return {
+        "events": sent,
+        "elapsed_s": elapsed,
+        "events_per_s": sent / elapsed,
+        "records_per_event": 1,
+        "t_mid": t_mid,
+    }
 
 
 def _load_max(
@@ -131,10 +146,30 @@ def _check(stack: loadgen.PrivateStack, result: dict[str, Any], what: str) -> di
     return result
 
 
+def bare_at(bare_slices: list[dict[str, Any]], t: float) -> float:
+    """The bare producer's events/s at time ``t``: linear between the two bare slices around it.
+
+    The box's speed drifts (bare slices two minutes apart differed by up to 1.5x), so each gateway slice is
+    compared with the bare producer measured just before and just after it, weighted by distance in time.
+    """
+    points = sorted((b["t_mid"], b["events_per_s"]) for b in bare_slices)
+    if t <= points[0][0]:
+        return points[0][1]
+    for (t0, v0), (t1, v1) in pairwise(points):
+        if t <= t1:
+            return v0 + (v1 - v0) * (t - t0) / (t1 - t0) if t1 > t0 else v1
+    return points[-1][1]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="abstream bench ingest", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=15.0, help="seconds per gateway run (default 15)")
-    parser.add_argument("--bare-duration", type=float, default=8.0, help="seconds per bare-producer run")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="max-rate rounds, each a gateway slice between two bare ones (default 3)"
+    )
+    parser.add_argument(
+        "--slice", type=float, default=5.0, help="seconds of each max-rate slice, bare or gateway (default 5)"
+    )
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds of each fixed-rate run (default 15)")
     parser.add_argument("--events", type=int, default=50, help="events per request (default 50)")
     parser.add_argument(
         "--pool",
@@ -162,11 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-gzip", dest="gzip", action="store_false", help="skip the gzip runs")
     parser.add_argument("--out", type=Path, default=Path("bench-results/ingest.json"))
     parser.add_argument(
-        "--profile", metavar="SVG", help="py-spy flame graph of the gateway during the identity max run"
+        "--profile", metavar="SVG", help="py-spy flame graph of the gateway during the first identity max slice"
     )
     parser.add_argument("--keep-logs", action="store_true", help="keep the stack's logs (temp dir) after the run")
     loadgen.add_quiet_args(parser)
     args = parser.parse_args(argv)
+    if args.rounds < 1 or args.slice < 1 or args.duration < 1:
+        parser.error("--rounds must be >= 1, --slice and --duration >= 1 second")
 
     import logging
 
@@ -196,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     modes = ["identity", "gzip"] if args.gzip else ["identity"]
-    results: dict[str, Any] = {mode: {} for mode in modes}
-    bare_runs: list[dict[str, Any]] = []
+    results: dict[str, Any] = {mode: {"max_slices": []} for mode in modes}
+    bare_slices: list[dict[str, Any]] = []
     gzip_ratio = None
     with loadgen.private_stack(keep_dir=args.keep_logs, gateway_workers=args.gateway_workers) as stack:
         s = stack.settings
@@ -210,34 +247,52 @@ def main(argv: list[str] | None = None) -> int:
                 bodies = loadgen.gzip_all(bodies)
             return loadgen.write_pool(stack.work_dir / f"pool-{tag}.bin", bodies)
 
+        # Every slice posts ids the gateway has not seen (its own tag); built before the slices, so that they
+        # follow each other closely.
+        print("writing request pools ...", flush=True)
+        max_pools = {(m, r): pool(f"max-{m}-{r}", m == "gzip") for r in range(args.rounds) for m in modes}
+        if "gzip" in modes:
+            gz_pool = loadgen.read_pool(max_pools["gzip", 0])[:200]
+            gzip_ratio = sum(len(loadgen.v1_body(x, "max-gzip-0")) for x in payloads[:200]) / sum(map(len, gz_pool))
+        values = bare_values(payloads, "bare")
+        # This process now holds ~650,000 objects of payloads; the bare producer's own garbage triggers full
+        # collections that would traverse them all (~0.4 s each, ~4 per slice: measured 40-49k events/s
+        # against 51-75k frozen). The gateway freezes its start-up heap the same way (gateway/app.py).
+        gc.collect()
+        gc.freeze()
+
         # warm-up (imports, caches, producer connections), not reported
         _check(stack, _load_max(args, url, pool("warm", False), False, wrk, 3), "warm-up")
 
-        def run_bare(tag: str, what: str) -> None:
-            values = bare_values(payloads, tag)
-            print(f"bare aiokafka producer, {what}, {args.bare_duration:.0f}s ...", flush=True)
+        def run_bare(k: int) -> None:
+            print(f"bare aiokafka producer, one record per event, slice {k + 1}, {args.slice:.0f}s ...", flush=True)
             with loadgen.measured_run(stack.pids(), args) as cpu:
-                bare_runs.append(loadgen.run_async(bare_producer(s, values, args.bare_duration)))
-            bare_runs[-1]["cpu"] = cpu.result
+                run = loadgen.run_async(bare_producer(s, values, args.slice))
+            run["cpu"] = cpu.result
+            bare_slices.append(run)
 
-        run_bare("bare1", "one record per event")
-
+        # Max rate: bare, then each mode's gateway slice, then bare again, round after round (ABAB...A).
+        run_bare(0)
+        for r in range(args.rounds):
+            for mode in modes:
+                gz = mode == "gzip"
+                print(f"gateway, {mode}, max rate, round {r + 1}/{args.rounds}, {args.slice:.0f}s ...", flush=True)
+                profile = args.profile if mode == "identity" and r == 0 else None
+                with (
+                    loadgen.measured_run(stack.pids(), args) as cpu,
+                    loadgen.py_spy(stack.gateway_pid, profile, args.slice),
+                ):
+                    start = time.monotonic()
+                    res = _load_max(args, url, max_pools[mode, r], gz, wrk, args.slice)
+                    res["t_mid"] = (start + time.monotonic()) / 2
+                res["cpu"] = cpu.result
+                results[mode]["max_slices"].append(_check(stack, res, f"{mode} max, round {r + 1}"))
+            run_bare(r + 1)
         for mode in modes:
-            gz = mode == "gzip"
-            p = pool(f"max-{mode}", gz)
-            if gz:
-                gzip_ratio = sum(len(loadgen.v1_body(x, "r")) for x in payloads[:200]) / sum(
-                    len(b) for b in loadgen.read_pool(p)[:200]
-                )
-            print(f"gateway, {mode}, max rate, {args.duration:.0f}s ...", flush=True)
-            profile = args.profile if mode == "identity" else None
-            with (
-                loadgen.measured_run(stack.pids(), args) as cpu,
-                loadgen.py_spy(stack.gateway_pid, profile, args.duration),
-            ):
-                r = _load_max(args, url, p, gz, wrk, args.duration)
-            r["cpu"] = cpu.result
-            results[mode]["max"] = _check(stack, r, f"{mode} max")
+            for res in results[mode]["max_slices"]:
+                res["bare_events_per_s"] = bare_at(bare_slices, res["t_mid"])
+                res["ratio"] = res["events_per_s"] / res["bare_events_per_s"]
+            results[mode]["max"] = median_slice(results[mode]["max_slices"])
 
         for mode in modes:
             gz = mode == "gzip"
@@ -245,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             p = pool(f"half-{mode}", gz)
             print(f"gateway, {mode}, fixed {rate:,.0f} requests/s (half of max), {args.duration:.0f}s ...", flush=True)
             with loadgen.measured_run(stack.pids(), args) as cpu:
-                r = loadgen.run_client(
+                res = loadgen.run_client(
                     url,
                     p,
                     rate=rate,
@@ -255,15 +310,14 @@ def main(argv: list[str] | None = None) -> int:
                     gzip_bodies=gz,
                     client=args.half_client,
                 )
-            r["cpu"] = cpu.result
-            results[mode]["half"] = _check(stack, r, f"{mode} half")
+            res["cpu"] = cpu.result
+            results[mode]["half"] = _check(stack, res, f"{mode} half")
 
-        run_bare("bare2", "again")
         from abstream.kafka import producer_settings
 
         producer = {k: v for k, v in producer_settings(s).items() if k != "bootstrap_servers"}
 
-    bare = max(bare_runs, key=lambda r: r["events_per_s"])  # the faster run: the stricter ratio
+    bare_eps = statistics.median(b["events_per_s"] for b in bare_slices)
     report = {
         "benchmark": "ingest",
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -273,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
             "bytes_per_event": round(per_event),
             "pool_requests": n_bodies,
             "gzip_ratio": gzip_ratio,
+            "rounds": args.rounds,
+            "slice_s": args.slice,
             "duration_s": args.duration,
             "max_client": f"wrk -t{args.threads} -c{args.connections}" if wrk else "python closed loop",
             "half_client": results[modes[0]]["half"]["client"],
@@ -280,13 +336,19 @@ def main(argv: list[str] | None = None) -> int:
             f"(abstream gateway, uvicorn) on {os.cpu_count()} cores",
             "producer_settings": producer,
         },
-        "bare_producer": {"runs": bare_runs, "events_per_s": bare["events_per_s"]},
+        "bare_producer": {"runs": bare_slices, "events_per_s": bare_eps},
         "gateway": results,
-        "ratio_gateway_over_bare": {m: results[m]["max"]["events_per_s"] / bare["events_per_s"] for m in modes},
+        "ratio_gateway_over_bare": {m: results[m]["max"]["ratio"] for m in modes},
     }
-    bare_us = cpu_us_per_event(bare["cpu"]["bench"], bare["events_per_s"])
+    bare_us = statistics.median(cpu_us_per_event(b["cpu"]["bench"], b["events_per_s"]) for b in bare_slices)
     report["cpu_ratio_gateway_over_bare"] = {
-        m: bare_us / max(cpu_us_per_event(results[m]["max"]["cpu"]["gateway"], results[m]["max"]["events_per_s"]), 1e-9)
+        m: bare_us
+        / max(
+            statistics.median(
+                cpu_us_per_event(r["cpu"]["gateway"], r["events_per_s"]) for r in results[m]["max_slices"]
+            ),
+            1e-9,
+        )
         for m in modes
     }
     half = results["identity"]["half"]["latency_ms"]["p99"]
@@ -299,6 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     loadgen.write_json(args.out, report)
     print(f"results written to {args.out}")
     return 0
+
+
+def median_slice(slices: list[dict[str, Any]]) -> dict[str, Any]:
+    """The slice with the median ratio to the bare producer (the lower middle one for an even count)."""
+    ranked = sorted(slices, key=lambda r: r["ratio"])
+    return ranked[(len(ranked) - 1) // 2]
 
 
 def cpu_us_per_event(cpu_pct: float, events_per_s: float) -> float:
@@ -315,48 +383,53 @@ def print_report(report: dict[str, Any]) -> None:
         + (f", gzip ratio {cfg['gzip_ratio']:.1f}x" if cfg["gzip_ratio"] else "")
         + f"; max: {cfg['max_client']}; half: {cfg['half_client']}; {cfg['gateway']}"
     )
+
+    def gateway_row(name: str, rate: str, r: dict[str, Any]) -> list[object]:
+        lat = r["latency_ms"]
+        return [name, rate, r["rps"], r["events_per_s"], r.get("bare_events_per_s"), r.get("ratio")] + [
+            lat["p50"],
+            lat["p95"],
+            lat["p99"],
+            lat["p999"],
+            lat["max"],
+            loadgen.failures(r),
+            r["cpu"]["gateway"],
+            cpu_us_per_event(r["cpu"]["gateway"], r["events_per_s"]),
+            r["cpu"]["gateway_runqueue_wait"],
+            r["cpu"]["broker"],
+            r["cpu"]["others"],
+        ]
+
     rows: list[list[object]] = []
-    for i, run in enumerate(bare["runs"]):
+    gateway = report["gateway"]
+    for i, run in enumerate(bare["runs"]):  # in the order they ran: bare, each mode's gateway slice, bare, ...
         c = run["cpu"]
         rows.append(
-            [f"bare producer, 1 record/event (run {i + 1})", "max", None, run["events_per_s"]]
+            [f"bare producer, 1 record/event, slice {i + 1}", "max", None, run["events_per_s"], None, None]
             + [None] * 5
             + [0, c["bench"], cpu_us_per_event(c["bench"], run["events_per_s"]), None, c["broker"], c["others"]]
         )
-    for mode, runs in report["gateway"].items():
-        for kind, r in runs.items():
-            lat = r["latency_ms"]
-            rate = "max" if kind == "max" else f"fixed {r['offered_rps']:,.0f}/s"
-            rows.append(
-                [
-                    f"gateway /v1/events, {mode}",
-                    rate,
-                    r["rps"],
-                    r["events_per_s"],
-                    lat["p50"],
-                    lat["p95"],
-                    lat["p99"],
-                    lat["p999"],
-                    lat["max"],
-                    loadgen.failures(r),
-                    r["cpu"]["gateway"],
-                    cpu_us_per_event(r["cpu"]["gateway"], r["events_per_s"]),
-                    r["cpu"]["gateway_runqueue_wait"],
-                    r["cpu"]["broker"],
-                    r["cpu"]["others"],
-                ]
-            )
+        for mode, runs in gateway.items():
+            if i < len(runs["max_slices"]):
+                rows.append(gateway_row(f"gateway /v1/events, {mode}, round {i + 1}", "max", runs["max_slices"][i]))
+    for mode, runs in gateway.items():
+        half = runs["half"]
+        rows.append(gateway_row(f"gateway /v1/events, {mode}", f"fixed {half['offered_rps']:,.0f}/s", half))
     loadgen.print_table(
-        ["run", "rate", "req/s", "events/s", "p50 ms", "p95 ms", "p99 ms", "p99.9 ms", "max ms", "errors"]
-        + ["CPU% sender", "sender CPU µs/event", "gateway waited for CPU %", "CPU% broker", "CPU% other procs"],
+        ["run", "rate", "req/s", "events/s", "bare events/s then", "x bare", "p50 ms", "p95 ms", "p99 ms"]
+        + ["p99.9 ms", "max ms", "errors", "CPU% sender", "sender CPU µs/event", "gateway waited for CPU %"]
+        + ["CPU% broker", "CPU% other procs"],
         rows,
     )
     print("(CPU% of one core; 'sender' is the gateway, or this process for the bare producer; 'other procs' is")
     print(" whatever else ran on the machine meanwhile, and 'waited for CPU' the share of the run the gateway was")
     print(" ready to run but had no core: with much of either, the latencies are the machine's, not this code's)")
-    print(f"bare producer counted: {bare['events_per_s']:,.0f} events/s (the faster run)")
+    print("('bare events/s then': the bare producer's rate interpolated to the middle of the gateway slice, between")
+    print(" the bare slices just before and just after it; the box's speed drifts, so each slice has its own baseline)")
+    print(f"bare producer: median of {len(bare['runs'])} slices {bare['events_per_s']:,.0f} events/s")
     for mode, ratio in report["ratio_gateway_over_bare"].items():
-        print(f"ratio gateway/bare, {mode}: {ratio:.2f}x")
+        slices = ", ".join(f"{r['ratio']:.2f}" for r in gateway[mode]["max_slices"])
+        print(f"ratio gateway/bare, {mode}: {ratio:.2f}x (median of the rounds: {slices})")
     for mode, ratio in report["cpu_ratio_gateway_over_bare"].items():
         print(
             f"ratio of CPU per event, bare/gateway, {mode}: {ratio:.2f}x (the events/s ratio if each had a whole core)"
