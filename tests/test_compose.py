@@ -325,8 +325,11 @@ def grafana_mounts(services: dict[str, Any]) -> dict[str, str]:
 
 
 def test_grafana_installs_the_clickhouse_plugin(services: dict[str, Any]) -> None:
-    plugins = env_of(services["grafana"])["GF_INSTALL_PLUGINS"].split(",")
-    assert any(p.split()[0] == "grafana-clickhouse-datasource" for p in plugins), plugins
+    # Grafana >= 11.5: comma-separated <plugin id>@<version>[@<url>]; the _SYNC form installs before start.
+    plugins = env_of(services["grafana"])["GF_PLUGINS_PREINSTALL_SYNC"].split(",")
+    assert "GF_INSTALL_PLUGINS" not in env_of(services["grafana"]), "deprecated since Grafana 12.1"
+    ids = {p.strip().split("@")[0]: p.strip().split("@")[1:] for p in plugins}
+    assert ids.get("grafana-clickhouse-datasource", [""])[0], f"the plugin, pinned to a version: {plugins}"
     assert ("127.0.0.1", 3000, "/api/health") in healthcheck_urls(services["grafana"])
     assert (3000, 3000) in published_ports(services["grafana"])
 
