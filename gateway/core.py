@@ -7,21 +7,31 @@ has not acknowledged: a missing acknowledgement is a 503 with Retry-After and no
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import logging
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
 
 from abstream.config import TOPIC_ASSIGNMENTS, TOPIC_EVENTS, TOPIC_REJECTED, Settings
 from gateway.assignment import ab_assign_response, assign, decide, record_for
-from gateway.ingest import DedupCache, IngestResult
+from gateway.ingest import DedupCache, IngestResult, refused_request
 from gateway.publisher import KafkaUnavailable, Message, Publisher
 from gateway.registry import Registry
 from schemas.errors import ApiError, validation_failed
 from schemas.experiments import ABAssignRequest, AssignmentRequest, Experiment
 
+log = logging.getLogger(__name__)
+
 RETRY_AFTER_S = "2"
+
+Handler = Callable[[Request], Awaitable[Response]]
 
 
 def unavailable(reason: str) -> ApiError:
@@ -49,6 +59,7 @@ class GatewayCore:
         self.events_topic = settings.topic(TOPIC_EVENTS)
         self.rejected_topic = settings.topic(TOPIC_REJECTED)
         self.assignments_topic = settings.topic(TOPIC_ASSIGNMENTS)
+        self._dead_letters: set[asyncio.Task[None]] = set()
 
     # ---- shared ---------------------------------------------------------------------------------
 
@@ -93,6 +104,30 @@ class GatewayCore:
         result.acknowledge(self.dedup)
         return result.body()
 
+    def validate(self, ingest: Callable[..., IngestResult], payload: Any, *args: Any) -> IngestResult:
+        """Run one ``gateway.ingest.ingest_*`` on a parsed body, now; a refusal carries the body for its dead letter."""
+        try:
+            return ingest(payload, *args, self.received_at_ms(), self.settings, self.dedup)  # type: ignore[no-any-return]
+        except ApiError as err:
+            err.sent = payload
+            raise
+
+    def record_refusal(self, surface: str, err: ApiError) -> None:
+        """Send the dead letter of an ingestion request refused as a whole to ``events.rejected``, in the
+        background: the 400/413/415 answer does not wait for Kafka, and a failure is only logged."""
+        record = refused_request(surface, self.received_at_ms(), err, self.settings)
+        if record is None:
+            return
+        task = asyncio.create_task(self._publish_dead_letter(surface, record.key, record.value))
+        self._dead_letters.add(task)
+        task.add_done_callback(self._dead_letters.discard)
+
+    async def _publish_dead_letter(self, surface: str, key: bytes | None, value: bytes) -> None:
+        try:
+            await self.publisher.publish([(self.rejected_topic, key, value)])
+        except KafkaUnavailable as exc:
+            log.warning("the dead letter of a refused %s request was not published: %s", surface, exc)
+
     # ---- assignment -----------------------------------------------------------------------------
 
     async def assign_v1(self, payload: Any) -> dict[str, Any]:
@@ -129,3 +164,23 @@ class GatewayCore:
             )
             await self.publish([(self.assignments_topic, request.user_id.encode(), record.to_bytes())])
         return ab_assign_response(experiment, request.user_id, decision, version).model_dump(mode="json")
+
+
+def records_refusals(surface: str) -> Callable[[Handler], Handler]:
+    """Route decorator of the ingestion endpoints: a request refused as a whole (malformed JSON, a bad envelope
+    field, too many events, 413, 415) leaves one dead letter in ``events.rejected``, like each rejected event of
+    an answered request, so the ingestion dashboard shows every kind of mistake clients make."""
+
+    def decorate(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except ApiError as err:
+                core: GatewayCore = request.app.state.core
+                core.record_refusal(surface, err)
+                raise
+
+        return route
+
+    return decorate

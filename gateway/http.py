@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -41,6 +41,18 @@ def mask_id(value: object) -> str:
 
 async def read_json(request: Request, settings: Settings) -> Any:
     """The request body as JSON, refusing oversize bodies before reading them all (413)."""
+    try:
+        body = await _read_body(request, settings)
+    except ClientDisconnect:  # nobody is left to answer: a 400 in the access log, not a 500 and a traceback
+        raise ApiError(400, "incomplete_body", "the client closed the connection before the whole body") from None
+    try:
+        return decode_body(request.headers.get("content-type"), request.headers.get("content-encoding"), body, settings)
+    except ApiError as err:
+        err.sent = body  # for the dead letter of a refused ingestion request (gateway.core.records_refusals)
+        raise
+
+
+async def _read_body(request: Request, settings: Settings) -> bytes:
     length = request.headers.get("content-length")
     if length is not None:
         try:
@@ -49,17 +61,15 @@ async def read_json(request: Request, settings: Settings) -> Any:
             raise ApiError(400, "invalid_content_length", "Content-Length is not a number") from None
         if declared > settings.max_body_bytes:
             raise ApiError(413, "payload_too_large", f"body is larger than {settings.max_body_bytes} bytes")
-        body = await request.body()
-    else:
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > settings.max_body_bytes:
-                raise ApiError(413, "payload_too_large", f"body is larger than {settings.max_body_bytes} bytes")
-            chunks.append(chunk)
-        body = b"".join(chunks)
-    return decode_body(request.headers.get("content-type"), request.headers.get("content-encoding"), body, settings)
+        return await request.body()
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > settings.max_body_bytes:
+            raise ApiError(413, "payload_too_large", f"body is larger than {settings.max_body_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def api_error_handler(request: Request, exc: Exception) -> Response:

@@ -80,6 +80,7 @@ __all__ = [
     "ingest_apiv1_one",
     "ingest_track",
     "ingest_v1",
+    "refused_request",
 ]
 
 _dumps = orjson.dumps
@@ -342,7 +343,7 @@ class IngestResult:
             return None
         r = self.entries[0]
         detail = {"field": r["field"], "code": r["code"], "message": r["message"]}
-        return ApiError(400, r["code"], f"{r['field']}: {r['message']}", [detail])
+        return ApiError(400, r["code"], f"{r['field']}: {r['message']}", [detail], dead_lettered=True)
 
 
 # ---------------------------------------------------------------------------------------- internals
@@ -499,6 +500,60 @@ def _raw(ev: object) -> tuple[str, bool]:
     return raw[:REJECTED_RAW_MAX_BYTES].decode("utf-8", "ignore"), True
 
 
+def _dead_letter(
+    surface: str,
+    received_at_ms: int,
+    scope: str,
+    index: int,
+    code: str,
+    path: str,
+    message: str,
+    user_id: str | None,
+    sent: object,
+) -> PublishRecord:
+    """A ``RejectedRecord`` for ``events.rejected``; ``sent`` is the event (JSON) or the request body (bytes)."""
+    if isinstance(sent, bytes | bytearray | memoryview):
+        body = bytes(sent)
+        raw, truncated = body[:REJECTED_RAW_MAX_BYTES].decode("utf-8", "replace"), len(body) > REJECTED_RAW_MAX_BYTES
+    else:
+        raw, truncated = _raw(sent)
+    value = _dumps(
+        {
+            "v": RECORD_VERSION,
+            "surface": surface,
+            "received_at_ms": received_at_ms,
+            "scope": scope,
+            "index": index,
+            "code": code,
+            "field": path,
+            "message": message,
+            "user_id": user_id,
+            "raw": raw,
+            "raw_truncated": truncated,
+        }
+    )
+    return PublishRecord(user_id.encode() if user_id is not None else None, value)
+
+
+REFUSALS_RECORDED = frozenset({400, 413, 415})
+"""Statuses of a refused ingestion request that leave a dead letter: what the client sent was wrong."""
+
+
+def refused_request(surface: str, received_at_ms: int, err: ApiError, settings: Settings) -> PublishRecord | None:
+    """The dead letter of an ingestion request refused as a whole (malformed JSON, a bad envelope field, too many
+    events, ...), or None when there is nothing to record: another status, a body never received, or a
+    single-event endpoint's event already recorded."""
+    if err.status not in REFUSALS_RECORDED or err.dead_lettered or err.code == "incomplete_body":
+        return None
+    sent = err.sent
+    user_id = None
+    if type(sent) is dict:
+        candidate = sent.get("anonymous_user_id" if surface == "v1" else "user_id")
+        user_id = candidate if _is_id(candidate, settings.max_id_length) else None
+    path = err.details[0]["field"] if err.details else "body"
+    return _dead_letter(surface, received_at_ms, "request", 0, err.code, path, err.message, user_id, sent or b"")
+
+
 def _record_event(kind: str, **values: Any) -> dict[str, Any]:
     """A record event with every key (null unless given): one flat shape for the workers."""
     event = dict.fromkeys(RECORD_EVENT_KEYS)
@@ -590,22 +645,9 @@ class _Batch:
         self.entries.append(
             {"index": index, "status": "rejected", "code": exc.code, "field": path, "message": exc.message}
         )
-        raw, truncated = _raw(event)
-        value = _dumps(
-            {
-                "v": RECORD_VERSION,
-                "surface": self.surface,
-                "received_at_ms": self.received_at_ms,
-                "index": index,
-                "code": exc.code,
-                "field": path,
-                "message": exc.message,
-                "user_id": user_id,
-                "raw": raw,
-                "raw_truncated": truncated,
-            }
+        self.rejected_records.append(
+            _dead_letter(self.surface, self.received_at_ms, "event", index, exc.code, path, exc.message, user_id, event)
         )
-        self.rejected_records.append(PublishRecord(user_id.encode() if user_id is not None else None, value))
 
     def finish(self) -> IngestResult:
         records: list[PublishRecord] = []

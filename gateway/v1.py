@@ -5,7 +5,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.core import GatewayCore
+from gateway.core import GatewayCore, records_refusals
 from gateway.endpoints import Endpoint
 from gateway.http import JSONResponse, note_user, read_json
 from gateway.ingest import ingest_v1
@@ -25,11 +25,12 @@ async def post_assignment(request: Request) -> Response:
     return JSONResponse(await core.assign_v1(payload))
 
 
+@records_refusals("v1")
 async def post_events(request: Request) -> Response:
     core = _core(request)
     payload = await read_json(request, core.settings)
     note_user(request, payload.get("anonymous_user_id") if isinstance(payload, dict) else None)
-    result = ingest_v1(payload, core.received_at_ms(), core.settings, core.dedup)
+    result = core.validate(ingest_v1, payload)
     # Free the parsed body now rather than after the Kafka await: kept alive across it, every in-flight
     # request's hundreds of dicts survive into the collector's older generations (measured: +5% req/s).
     del payload

@@ -40,6 +40,10 @@ class ApiError(Exception):
     message: str
     details: list[dict[str, str]] = field(default_factory=list)
     headers: dict[str, str] = field(default_factory=dict)
+    sent: object = field(default=None, repr=False, compare=False)
+    """What the client sent (the body's bytes, or its parsed JSON), for the dead letter of a refused request."""
+    dead_lettered: bool = field(default=False, repr=False, compare=False)
+    """Already recorded in ``events.rejected`` (a single-event endpoint's rejected event)."""
 
     def __str__(self) -> str:
         return f"{self.status} {self.code}: {self.message}"

@@ -362,17 +362,24 @@ class EventRecord(BaseModel):
 
 
 class RejectedRecord(BaseModel):
-    """Value of a record on the ``events.rejected`` topic: one per rejected event (key: user id or none)."""
+    """Value of a record on the ``events.rejected`` topic (key: user id or none): one per rejected event, or one
+    per ingestion request refused as a whole (400/413/415: malformed JSON, a bad envelope field, too many events)."""
 
     v: Literal[1] = RECORD_VERSION
     surface: Surface
     received_at_ms: int
-    index: int
+    scope: Literal["event", "request"] = Field(
+        "event", description="event: one event of an answered request; request: the whole request was refused."
+    )
+    index: int = Field(description="The event's index in the request (0 when scope is request).")
     code: str
     field: str
     message: str
     user_id: str | None = Field(description="The request's user when known and valid, else null.")
-    raw: str = Field(description=f"The offending event as JSON, cut to {REJECTED_RAW_MAX_BYTES} bytes.")
+    raw: str = Field(
+        description=f"The offending event (scope event) or request body (scope request) as sent, cut to "
+        f"{REJECTED_RAW_MAX_BYTES} bytes."
+    )
     raw_truncated: bool
 
 

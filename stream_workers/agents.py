@@ -101,15 +101,15 @@ def rejected_rows(value: bytes, partition: int, offset: int) -> dict[str, list[l
     rec = orjson.loads(value)
     return {
         "rejected_events": [[
-            rec["received_at_ms"] / 1000, rec["surface"], rec["code"], rec["field"],
+            rec["received_at_ms"] / 1000, rec["surface"], rec.get("scope", "event"), rec["code"], rec["field"],
             rec["message"], int(rec["index"]), rec.get("user_id") or "", rec["raw"], partition, offset,
         ]]
     }  # fmt: skip
 
 
 REJECTED_COLUMNS = {
-    "rejected_events": ["received_at", "surface", "code", "field", "message", "event_index", "user_id", "raw",
-                        "kafka_partition", "kafka_offset"],
+    "rejected_events": ["received_at", "surface", "scope", "code", "field", "message", "event_index", "user_id",
+                        "raw", "kafka_partition", "kafka_offset"],
 }  # fmt: skip
 
 

@@ -394,6 +394,36 @@ def test_v1_request_limits_and_envelope_errors(gw: Gateways) -> None:
             check_error(post(c, "/v1/events", body), 400, code, {field: code})
         assert post(c, "/v1/events", {"anonymous_user_id": "u" * 128, "events": good}).status_code == 200
 
+    # A request refused as a whole leaves one dead letter too (scope "request"), with the body as sent.
+    refused, marker = unique("refused"), unique("marker")
+    envelope = {"anonymous_user_id": refused, "platform": "web", "events": good, "m": marker}
+    many = {"anonymous_user_id": refused, "events": batch}
+    malformed = b'{"m": "' + marker.encode() + b'", "events": ['
+    with gw.client("G") as c:
+        check_error(post(c, "/v1/events", envelope), 400, "invalid_platform")
+        check_error(post(c, "/v1/events", many), 413, "too_many_events")
+        check_error(c.post("/v1/events", content=malformed, headers=JSON), 400, "malformed_json")
+        check_error(
+            c.post("/v1/events", content=marker.encode(), headers={"content-type": "text/xml"}),
+            415,
+            "unsupported_media_type",
+        )
+    by_code = {r.value["code"]: r for r in rejected_of(gw.settings, refused, 2)}
+    by_code |= {r.value["code"]: r for r in rejected_of(gw.settings, None, 2, lambda v: marker in v["raw"])}
+    assert set(by_code) == {"invalid_platform", "too_many_events", "malformed_json", "unsupported_media_type"}
+    for r in by_code.values():
+        dead = RejectedRecord.model_validate(r.value)
+        assert (dead.scope, dead.index, dead.surface) == ("request", 0, "v1")
+    v = by_code["invalid_platform"].value
+    assert (v["field"], v["user_id"], v["raw_truncated"]) == ("platform", refused, False)
+    assert orjson.loads(v["raw"]) == envelope
+    v = by_code["too_many_events"].value
+    assert (v["field"], v["user_id"], v["raw_truncated"]) == ("events", refused, True)
+    assert orjson.dumps(many).decode().startswith(v["raw"]) and len(v["raw"].encode()) <= 2048
+    v = by_code["malformed_json"].value
+    assert (v["field"], v["user_id"], v["raw"], v["raw_truncated"]) == ("body", None, malformed.decode(), False)
+    assert by_code["unsupported_media_type"].value["raw"] == marker
+
 
 def test_duplicate_event_ids_are_flagged_and_not_republished(gw: Gateways) -> None:
     user, other = unique("dup"), unique("dup-other")
@@ -526,7 +556,7 @@ def test_apiv1_single_event(gw: Gateways) -> None:
     (ev_alias,) = records[2].value["events"]
     assert (ev_alias["occurred_at"], ev_alias["occurred_at_ms"]) == (recent, recent)
     assert aliased["accepted"] == 1
-    # every 400 above that concerned one event left a dead letter (the envelope errors did not)
+    # every 400 above that concerned one event left its dead letter (the refused requests: theirs had no user)
     dead = rejected_of(gw.settings, user, 3)
     assert sorted(r.value["code"] for r in dead) == ["invalid_event_type", "invalid_properties", "occurred_at_too_old"]
     assert all(r.value["surface"] == "apiv1" and r.value["index"] == 0 for r in dead)

@@ -29,6 +29,7 @@ from gateway.ingest import (
     ingest_apiv1_one,
     ingest_track,
     ingest_v1,
+    refused_request,
 )
 from schemas.errors import ApiError
 from schemas.events import (
@@ -511,6 +512,7 @@ class TestBatches:
             "v": 1,
             "surface": "v1",
             "received_at_ms": NOW,
+            "scope": "event",
             "index": 1,
             "code": "invalid_event_name",
             "field": "events.1.event_name",
@@ -1107,3 +1109,28 @@ def test_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert main(["--requests", "3", "--events", "5", "--repeat", "1", "--compare"]) == 0
     assert "events/s" in capsys.readouterr().out
+
+
+def test_refused_request_dead_letter_only_for_what_the_client_sent_wrong() -> None:
+    envelope = {"anonymous_user_id": "u-1", "platform": "web", "events": []}
+    err = ApiError(400, "invalid_platform", "platform: bad", [{"field": "platform", "code": "x", "message": "m"}])
+    err.sent = envelope
+    record = refused_request("v1", NOW, err, S)
+    assert record is not None and record.key == b"u-1"
+    value = RejectedRecord.model_validate(decode_record(record.value))
+    assert (value.scope, value.index, value.field, value.user_id) == ("request", 0, "platform", "u-1")
+    assert orjson.loads(value.raw) == envelope and not value.raw_truncated
+    body = b'{"user_id": "' + b"x" * 5000
+    err = ApiError(400, "malformed_json", "body is not valid JSON", sent=body)
+    record = refused_request("apiv1", NOW, err, S)
+    assert record is not None and record.key is None
+    value = RejectedRecord.model_validate(decode_record(record.value))
+    assert (value.field, value.raw, value.raw_truncated) == ("body", body[:REJECTED_RAW_MAX_BYTES].decode(), True)
+    assert refused_request("v1", NOW, ApiError(413, "payload_too_large", "big"), S) is not None  # raw ""
+    for skipped in (
+        ApiError(404, "test_not_found", "no test"),
+        ApiError(503, "kafka_unavailable", "down"),
+        ApiError(400, "incomplete_body", "client left"),
+        ApiError(400, "invalid_event_type", "one event", dead_lettered=True),  # already its event's dead letter
+    ):
+        assert refused_request("apiv1", NOW, skipped, S) is None

@@ -109,9 +109,15 @@ def test_events_assignments_and_rollups_end_to_end(stack: tuple[Settings, str]) 
         json={"anonymous_user_id": users[0], "events": [{"event_name": "bad name!", "occurred_at": now_iso()}]},
     )
     assert bad.status_code in (200, 400), bad.text
+    refused = httpx.post(f"{base}/v1/events", json={"anonymous_user_id": users[0], "platform": "web", "events": []})
+    assert refused.status_code == 400, refused.text
     total = sum(expected_events.values()) + 1
     wait_for(lambda: scalar(settings, "SELECT count() FROM event_logs FINAL") == total, what="event_logs rows")
-    wait_for(lambda: scalar(settings, "SELECT count() FROM rejected_events") == 1, what="rejected_events row")
+    wait_for(lambda: scalar(settings, "SELECT count() FROM rejected_events") == 2, what="rejected_events rows")
+    assert sorted(rows(settings, "SELECT scope, code, field, user_id FROM rejected_events")) == [
+        ("event", "invalid_event_name", "events.0.event_name", users[0]),
+        ("request", "invalid_platform", "platform", users[0]),
+    ]
 
     # assignments: exactly one row per (user, experiment), the variant the gateway answered
     got = rows(settings, "SELECT user_id, experiment_id, variant_id FROM assignments")
