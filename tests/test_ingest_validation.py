@@ -1134,3 +1134,21 @@ def test_refused_request_dead_letter_only_for_what_the_client_sent_wrong() -> No
         ApiError(400, "invalid_event_type", "one event", dead_lettered=True),  # already its event's dead letter
     ):
         assert refused_request("apiv1", NOW, skipped, S) is None
+
+
+def test_a_client_that_leaves_mid_body_is_a_400_not_a_500() -> None:
+    import asyncio
+
+    from starlette.requests import Request
+
+    from gateway.http import read_json
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.disconnect"}
+
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"50")]
+    request = Request({"type": "http", "method": "POST", "path": "/v1/events", "headers": headers}, receive)
+    with pytest.raises(ApiError) as exc:
+        asyncio.run(read_json(request, S))
+    assert (exc.value.status, exc.value.code) == (400, "incomplete_body")
+    assert refused_request("v1", NOW, exc.value, S) is None  # nobody sent anything wrong: no dead letter
