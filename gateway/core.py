@@ -33,6 +33,10 @@ RETRY_AFTER_S = "2"
 
 Handler = Callable[[Request], Awaitable[Response]]
 
+MAX_PENDING_DEAD_LETTERS = 1_000
+"""Dead letters of refused requests waiting for Kafka at once, per process; beyond, they are dropped (and counted)
+so that a flood of bad requests while Kafka is slow cannot pile up tasks without bound."""
+
 
 def unavailable(reason: str) -> ApiError:
     return ApiError(
@@ -60,6 +64,7 @@ class GatewayCore:
         self.rejected_topic = settings.topic(TOPIC_REJECTED)
         self.assignments_topic = settings.topic(TOPIC_ASSIGNMENTS)
         self._dead_letters: set[asyncio.Task[None]] = set()
+        self.dead_letters_dropped = 0
 
     # ---- shared ---------------------------------------------------------------------------------
 
@@ -117,6 +122,12 @@ class GatewayCore:
         background: the 400/413/415 answer does not wait for Kafka, and a failure is only logged."""
         record = refused_request(surface, self.received_at_ms(), err, self.settings)
         if record is None:
+            return
+        if len(self._dead_letters) >= MAX_PENDING_DEAD_LETTERS:
+            self.dead_letters_dropped += 1
+            if self.dead_letters_dropped % MAX_PENDING_DEAD_LETTERS == 1:
+                dropped = self.dead_letters_dropped
+                log.warning("%d dead letters of refused requests dropped: Kafka is not keeping up", dropped)
             return
         task = asyncio.create_task(self._publish_dead_letter(surface, record.key, record.value))
         self._dead_letters.add(task)

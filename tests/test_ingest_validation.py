@@ -1152,3 +1152,25 @@ def test_a_client_that_leaves_mid_body_is_a_400_not_a_500() -> None:
         asyncio.run(read_json(request, S))
     assert (exc.value.status, exc.value.code) == (400, "incomplete_body")
     assert refused_request("v1", NOW, exc.value, S) is None  # nobody sent anything wrong: no dead letter
+
+
+def test_dead_letters_of_refused_requests_are_bounded_while_kafka_hangs() -> None:
+    import asyncio
+
+    from gateway import core as gateway_core
+
+    class HangingPublisher:
+        async def publish(self, messages: object) -> None:
+            await asyncio.Event().wait()  # Kafka never answers
+
+    async def flood() -> tuple[int, int]:
+        core = gateway_core.GatewayCore(S, HangingPublisher(), None)  # type: ignore[arg-type]
+        for _ in range(gateway_core.MAX_PENDING_DEAD_LETTERS + 25):
+            core.record_refusal("v1", ApiError(400, "malformed_json", "bad", sent=b"{"))
+        pending = len(core._dead_letters)
+        for task in list(core._dead_letters):
+            task.cancel()
+        await asyncio.gather(*core._dead_letters, return_exceptions=True)
+        return pending, core.dead_letters_dropped
+
+    assert asyncio.run(flood()) == (gateway_core.MAX_PENDING_DEAD_LETTERS, 25)
