@@ -491,10 +491,14 @@ def _sent_at(value: object, received_at_ms: int) -> int:
 
 
 def _raw(ev: object) -> tuple[str, bool]:
-    try:
-        raw = _dumps(ev)
-    except (orjson.JSONEncodeError, TypeError):
-        raw = f"<not serialisable: {type(ev).__name__}>".encode()
+    """What the client sent as text cut to REJECTED_RAW_MAX_BYTES: a parsed event as JSON, body bytes as they came."""
+    if isinstance(ev, bytes):
+        raw = ev
+    else:
+        try:
+            raw = _dumps(ev)
+        except (orjson.JSONEncodeError, TypeError):
+            raw = f"<not serialisable: {type(ev).__name__}>".encode()
     if len(raw) <= REJECTED_RAW_MAX_BYTES:
         return raw.decode("utf-8", "replace"), False
     return raw[:REJECTED_RAW_MAX_BYTES].decode("utf-8", "ignore"), True
@@ -512,11 +516,7 @@ def _dead_letter(
     sent: object,
 ) -> PublishRecord:
     """A ``RejectedRecord`` for ``events.rejected``; ``sent`` is the event (JSON) or the request body (bytes)."""
-    if isinstance(sent, bytes | bytearray | memoryview):
-        body = bytes(sent)
-        raw, truncated = body[:REJECTED_RAW_MAX_BYTES].decode("utf-8", "replace"), len(body) > REJECTED_RAW_MAX_BYTES
-    else:
-        raw, truncated = _raw(sent)
+    raw, truncated = _raw(sent)
     value = _dumps(
         {
             "v": RECORD_VERSION,
@@ -551,7 +551,8 @@ def refused_request(surface: str, received_at_ms: int, err: ApiError, settings: 
         candidate = sent.get("anonymous_user_id" if surface == "v1" else "user_id")
         user_id = candidate if _is_id(candidate, settings.max_id_length) else None
     path = err.details[0]["field"] if err.details else "body"
-    return _dead_letter(surface, received_at_ms, "request", 0, err.code, path, err.message, user_id, sent or b"")
+    body = b"" if sent is None else sent  # None: refused before the body was read (e.g. by Content-Length)
+    return _dead_letter(surface, received_at_ms, "request", 0, err.code, path, err.message, user_id, body)
 
 
 def _record_event(kind: str, **values: Any) -> dict[str, Any]:

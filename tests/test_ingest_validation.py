@@ -1126,7 +1126,10 @@ def test_refused_request_dead_letter_only_for_what_the_client_sent_wrong() -> No
     assert record is not None and record.key is None
     value = RejectedRecord.model_validate(decode_record(record.value))
     assert (value.field, value.raw, value.raw_truncated) == ("body", body[:REJECTED_RAW_MAX_BYTES].decode(), True)
-    assert refused_request("v1", NOW, ApiError(413, "payload_too_large", "big"), S) is not None  # raw ""
+    record = refused_request("v1", NOW, ApiError(413, "payload_too_large", "big"), S)  # body never read
+    assert record is not None and orjson.loads(record.value)["raw"] == ""
+    record = refused_request("apiv1", NOW, ApiError(400, "invalid_events", "empty", sent=[]), S)
+    assert record is not None and orjson.loads(record.value)["raw"] == "[]"
     for skipped in (
         ApiError(404, "test_not_found", "no test"),
         ApiError(503, "kafka_unavailable", "down"),
