@@ -32,7 +32,7 @@ def _user(payload: object) -> object:
 @records_refusals("apiv1")
 async def post_event(request: Request) -> Response:
     core = _core(request)
-    payload = await read_json(request, core.settings)
+    payload = await read_json(request, core.settings, per_event=True)
     note_user(request, _user(payload))
     result = core.validate(ingest_apiv1_one, payload)
     error = result.single_error()
@@ -45,7 +45,7 @@ async def post_event(request: Request) -> Response:
 @records_refusals("apiv1")
 async def post_event_batch(request: Request) -> Response:
     core = _core(request)
-    payload = await read_json(request, core.settings)
+    payload = await read_json(request, core.settings, per_event=True)
     result = core.validate(ingest_apiv1_batch, payload)
     # Free the parsed body now rather than after the Kafka await: kept alive across it, every in-flight
     # request's hundreds of dicts survive into the collector's older generations (measured: +5% req/s).
@@ -58,7 +58,7 @@ async def post_track(request: Request) -> Response:
     core = _core(request)
     test_id = request.path_params["test_id"]
     experiment = core.experiment(test_id)
-    payload = await read_json(request, core.settings)
+    payload = await read_json(request, core.settings, per_event=True)
     note_user(request, _user(payload))
     result = core.validate(ingest_track, payload, str(experiment.id))
     error = result.single_error()

@@ -39,14 +39,24 @@ def mask_id(value: object) -> str:
     return f"{value[:4]}…({len(value)})" if len(value) > 4 else "…"
 
 
-async def read_json(request: Request, settings: Settings) -> Any:
-    """The request body as JSON, refusing oversize bodies before reading them all (413)."""
+async def read_json(request: Request, settings: Settings, *, per_event: bool = False) -> Any:
+    """The request body as JSON, refusing oversize bodies before reading them all (413).
+
+    ``per_event``: an ingestion body, whose integers beyond 64 bits are left for each event's validation
+    to reject (see :func:`gateway.ingest.decode_body`) instead of refusing the whole request.
+    """
     try:
         body = await _read_body(request, settings)
     except ClientDisconnect:  # nobody is left to answer: a 400 in the access log, not a 500 and a traceback
         raise ApiError(400, "incomplete_body", "the client closed the connection before the whole body") from None
     try:
-        return decode_body(request.headers.get("content-type"), request.headers.get("content-encoding"), body, settings)
+        return decode_body(
+            request.headers.get("content-type"),
+            request.headers.get("content-encoding"),
+            body,
+            settings,
+            big_integers="mark" if per_event else "refuse",
+        )
     except ApiError as err:
         err.sent = body  # for the dead letter of a refused ingestion request (gateway.core.records_refusals)
         raise

@@ -43,19 +43,23 @@ share the rule functions with this module (``timestamp_ms``, ``is_valid_name``, 
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import orjson
 
 from abstream.config import Settings
 from schemas.errors import ApiError
 from schemas.events import (
+    INTEGER_RANGE_MESSAGE,
+    JSON_INT_MAX,
+    JSON_INT_MIN,
     KNOWN_NAMES,
     MAX_RECORD_BYTES,
     NAME_MAX_LENGTH,
@@ -64,9 +68,11 @@ from schemas.events import (
     RECORD_VERSION,
     REJECTED_RAW_MAX_BYTES,
     TIMESTAMP_MAX_CHARS,
+    BigIntLiteral,
     TimestampError,
     is_valid_name,
     json_too_deep,
+    out_of_range_integer,
     timestamp_ms,
 )
 
@@ -182,13 +188,24 @@ def _decompress(body: bytes, wbits: int, settings: Settings) -> bytes:
     return b"".join(out)
 
 
-def decode_body(content_type: str | None, content_encoding: str | None, body: bytes, settings: Settings) -> Any:
+def decode_body(
+    content_type: str | None,
+    content_encoding: str | None,
+    body: bytes,
+    settings: Settings,
+    *,
+    big_integers: Literal["refuse", "mark"] = "refuse",
+) -> Any:
     """Bytes of a request -> JSON value, or ApiError (415/413/400) saying exactly what is wrong.
 
     Check order: Content-Type (415), size as sent (413), Content-Encoding (415), decompression limits
     (413), gzip integrity (400), JSON (400). NaN/Infinity/1e999 are not JSON: 400 ``non_finite_value``
     (Python's json.dumps emits them) rather than a generic ``malformed_json``. Routes should refuse a
     too-large Content-Length before reading the body; the size is checked here again regardless.
+
+    An integer outside [-2^63, 2^64-1] is refused as a whole request (400 ``integer_out_of_range``) with
+    ``big_integers="refuse"``; with ``"mark"`` (ingestion, where one event must not sink its neighbours) it
+    becomes a :class:`~schemas.events.BigIntLiteral` for the event's own validation to reject.
     """
     _media_type(content_type)
     if len(body) > settings.max_body_bytes:
@@ -197,16 +214,78 @@ def decode_body(content_type: str | None, content_encoding: str | None, body: by
     if wbits is not None:
         body = _decompress(body, wbits, settings)
     try:
-        return orjson.loads(body)
+        value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         msg = str(exc)
         pos = exc.pos if isinstance(exc.pos, int) else 0
         head = bytes(body[pos : pos + 9])
         if "infinity" in msg or head.startswith((b"NaN", b"Infinity", b"-Infinity")):
+            # An integer of 310+ digits is too big for a double (orjson says "infinity"), yet it is not 1e999.
+            if "infinity" in msg and _has_big_integer(exact := _reread_or_none(body), big_integers):
+                return exact
             raise ApiError(
                 400, "non_finite_value", f"NaN and Infinity are not JSON numbers (at char {pos}): {msg}"
             ) from None
         raise ApiError(400, "malformed_json", f"body is not valid JSON: {msg}") from None
+    # orjson reads an integer beyond 64 bits as a float, silently. Only a run of 19+ digits can be one; the
+    # scan costs ~0.85 ns/byte (~0.3 µs per 330-byte event), the exact re-read only bodies that have a run.
+    if body.translate(_DIGITS_TO_ZERO).find(_NINETEEN_DIGITS) >= 0:
+        exact = _reread_or_none(body)
+        # exact == value: the digit run was in a string or a fraction (a C-speed check before the walk)
+        if exact is not None and exact != value and _has_big_integer(exact, big_integers):
+            return exact
+    return value
+
+
+_DIGITS_TO_ZERO = bytes(48 if 48 <= b <= 57 else 32 for b in range(256))
+_NINETEEN_DIGITS = b"0" * 19  # the shortest integer literal outside [-2^63, 2^64-1]: -9223372036854775809
+
+
+def _int_literal(text: str) -> int | BigIntLiteral:
+    if len(text) > 21:  # beyond any 64-bit integer; int() of a 4,301-digit string would even raise
+        return BigIntLiteral(text)
+    value = int(text)
+    return value if JSON_INT_MIN <= value <= JSON_INT_MAX else BigIntLiteral(text)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(text)
+    return value
+
+
+def _not_json(text: str) -> Any:
+    raise ValueError(text)  # NaN, Infinity
+
+
+def _reread_or_none(body: bytes) -> Any:
+    """``body`` read again with integers beyond 64 bits as BigIntLiteral, or None when the standard library
+    cannot read it either (a float literal that overflows, 1e999). Only for bodies that may hold one."""
+    try:
+        return json.loads(body, parse_int=_int_literal, parse_float=_finite, parse_constant=_not_json)
+    except RecursionError:  # nesting orjson reads (1024) but Python's recursion limit does not
+        raise ApiError(400, "too_deep", "body nests too deep to check its numbers") from None
+    except ValueError:
+        return None
+
+
+def _has_big_integer(exact: Any, big_integers: Literal["refuse", "mark"]) -> bool:
+    """True when ``exact`` holds a BigIntLiteral to be rejected per event; refused as a whole with "refuse"."""
+    if exact is None:
+        return False
+    path = out_of_range_integer(exact)
+    if path is None:
+        return False
+    if big_integers == "refuse":
+        field = path or "body"
+        raise ApiError(
+            400,
+            "integer_out_of_range",
+            f"{field}: {INTEGER_RANGE_MESSAGE}",
+            [{"field": field, "code": "integer_out_of_range", "message": INTEGER_RANGE_MESSAGE}],
+        )
+    return True
 
 
 # ------------------------------------------------------------------------------------- deduplication
@@ -464,7 +543,10 @@ def _json_object(value: object, key: str, lim: _Limits) -> Any:
     if type(value) is dict and value:
         try:
             raw = _dumps(value)
-        except orjson.JSONEncodeError:  # deeper than orjson writes (254), or not JSON data (direct callers)
+        except orjson.JSONEncodeError:  # deeper than orjson writes (254), an integer beyond 64 bits, not JSON
+            path = out_of_range_integer(value)
+            if path is not None:
+                raise _Reject("integer_out_of_range", f"{key}.{path}", INTEGER_RANGE_MESSAGE) from None
             if json_too_deep(value, lim.depth):
                 raise _Reject(f"{key}_too_deep", key, f"nests deeper than {lim.depth} levels") from None
             raise _Reject(f"invalid_{key}", key, "is not serialisable JSON") from None
@@ -496,12 +578,19 @@ def _raw(ev: object) -> tuple[str, bool]:
         raw = ev
     else:
         try:
-            raw = _dumps(ev)
+            raw = _dumps(ev, default=_literal)
         except (orjson.JSONEncodeError, TypeError):
             raw = f"<not serialisable: {type(ev).__name__}>".encode()
     if len(raw) <= REJECTED_RAW_MAX_BYTES:
         return raw.decode("utf-8", "replace"), False
     return raw[:REJECTED_RAW_MAX_BYTES].decode("utf-8", "ignore"), True
+
+
+def _literal(value: object) -> Any:
+    """orjson ``default``: a number too big to read is written back as the client sent it."""
+    if type(value) is BigIntLiteral:
+        return _Fragment(value.text.encode())
+    raise TypeError
 
 
 def _dead_letter(
@@ -936,9 +1025,6 @@ def ingest_apiv1_batch(
     return _apiv1(payload, "", received_at_ms, settings, dedup)
 
 
-_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
-
-
 def ingest_track(
     payload: Any, experiment_id: str, received_at_ms: int, settings: Settings, dedup: DedupCache | None = None
 ) -> IngestResult:
@@ -967,7 +1053,9 @@ def ingest_track(
         if t is float:
             if not math.isfinite(value):
                 raise _Reject("non_finite_value", "value", "must be a finite number (not NaN or Infinity)")
-        elif t is not int or not _INT_MIN <= value <= _INT_MAX:
+        elif t is BigIntLiteral or (t is int and not JSON_INT_MIN <= value <= JSON_INT_MAX):
+            raise _Reject("integer_out_of_range", "value", INTEGER_RANGE_MESSAGE)
+        elif t is not int:
             raise _Reject("invalid_value", "value", "must be a number")
         occurred_at, key = payload.get("occurred_at"), "occurred_at"
         if occurred_at is None:

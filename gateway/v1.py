@@ -28,7 +28,7 @@ async def post_assignment(request: Request) -> Response:
 @records_refusals("v1")
 async def post_events(request: Request) -> Response:
     core = _core(request)
-    payload = await read_json(request, core.settings)
+    payload = await read_json(request, core.settings, per_event=True)
     note_user(request, payload.get("anonymous_user_id") if isinstance(payload, dict) else None)
     result = core.validate(ingest_v1, payload)
     # Free the parsed body now rather than after the Kafka await: kept alive across it, every in-flight

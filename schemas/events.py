@@ -138,6 +138,53 @@ def json_too_deep(value: dict[str, Any] | list[Any], max_depth: int) -> bool:
     return False
 
 
+JSON_INT_MIN, JSON_INT_MAX = -(2**63), 2**64 - 1
+"""Integers a JSON value may hold: what orjson reads exactly and ClickHouse's JSON functions return (Int64,
+UInt64). Beyond, a reader silently rounds to a float, so such numbers are refused: send them as strings."""
+
+INTEGER_RANGE_MESSAGE = (
+    f"is an integer outside [{JSON_INT_MIN}, {JSON_INT_MAX}]; JSON readers and ClickHouse would round it "
+    "to a float, so send it as a string"
+)
+
+
+class BigIntLiteral:
+    """An integer literal outside [JSON_INT_MIN, JSON_INT_MAX], kept as the client wrote it.
+
+    The gateway's JSON reader (orjson) turns ``12345678901234567890123`` into ``1.2345678901234568e22``
+    without a word; the gateway re-reads such bodies and puts one of these in the number's place, so the
+    event is refused (``integer_out_of_range``) and its dead letter still shows the digits as sent.
+    """
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return f"BigIntLiteral({self.text!r})"
+
+
+def out_of_range_integer(value: object) -> str | None:
+    """Dotted path (``""`` for ``value`` itself, else ``a.0.b``) of the first integer outside
+    [JSON_INT_MIN, JSON_INT_MAX] in a JSON value (a :class:`BigIntLiteral` or a Python int), or None."""
+    stack: list[tuple[str, object]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        t = type(item)
+        if t is BigIntLiteral or (t is int and not JSON_INT_MIN <= item <= JSON_INT_MAX):  # type: ignore[operator]
+            return path
+        if t is dict:
+            children: Any = item.items()  # type: ignore[attr-defined]
+        elif t is list:
+            children = enumerate(item)  # type: ignore[arg-type]
+        else:
+            continue
+        prefix = f"{path}." if path else ""
+        stack.extend((f"{prefix}{key}", child) for key, child in reversed(list(children)))
+    return None
+
+
 def _check_timestamp(value: str | int) -> str | int:
     timestamp_ms(value)
     return value
@@ -152,6 +199,9 @@ def _check_name(value: str) -> str:
 def _check_object(value: dict[str, Any]) -> dict[str, Any]:
     if json_too_deep(value, DEFAULT_MAX_JSON_DEPTH):
         raise ValueError(f"nests deeper than {DEFAULT_MAX_JSON_DEPTH} levels (max_json_depth)")
+    path = out_of_range_integer(value)
+    if path is not None:
+        raise ValueError(f"{path} {INTEGER_RANGE_MESSAGE}")
     try:
         size = len(orjson.dumps(value))
     except orjson.JSONEncodeError as exc:  # a TypeError: pydantic would not report it as a validation error
@@ -198,7 +248,8 @@ JsonObject = Annotated[
     Field(
         description=(
             "Any JSON object, stored exactly as posted. At most max_properties_bytes (16 KiB) serialised "
-            "and max_json_depth (8) levels deep (the object itself is level 1). Absent or null = {}."
+            "and max_json_depth (8) levels deep (the object itself is level 1). Absent or null = {}. "
+            "Integers must lie in [-2^63, 2^64-1] (else integer_out_of_range): send bigger ones as strings."
         )
     ),
 ]
@@ -406,9 +457,13 @@ __all__ = [
     "NAME_PATTERN",
     "RECORD_EVENT_KEYS",
     "RECORD_VERSION",
+    "INTEGER_RANGE_MESSAGE",
+    "JSON_INT_MAX",
+    "JSON_INT_MIN",
     "AcceptedResult",
     "ApiV1Event",
     "ApiV1EventBatch",
+    "BigIntLiteral",
     "EventRecord",
     "IngestResponse",
     "RecordEvent",
@@ -423,5 +478,6 @@ __all__ = [
     "encode_record",
     "is_valid_name",
     "json_too_deep",
+    "out_of_range_integer",
     "timestamp_ms",
 ]

@@ -277,6 +277,61 @@ def test_v1_mixed_batch_answers_per_event_and_reads_back_exactly(gw: Gateways) -
             assert v["raw_truncated"] is True and full.startswith(v["raw"]) and len(v["raw"].encode()) <= 2048
 
 
+def test_integers_beyond_64_bits_are_refused_not_rounded(gw: Gateways) -> None:
+    """orjson would read 2^64 as the float 1.8446744073709552e19: such an event is rejected by itself, and the
+    boundary values that do fit (UInt64 max, Int64 min) reach Kafka as the same integers."""
+    user = unique("bigint")
+    at = now_ms() - 1000
+    big = b"123456789012345678901234567890"
+
+    def event(name: bytes, properties: bytes) -> bytes:
+        return b'{"event_name":"%s","occurred_at":%d,"properties":%s}' % (name, at, properties)
+
+    body = b'{"anonymous_user_id":"%s","events":[%s]}' % (
+        user.encode(),
+        b",".join(
+            [
+                event(b"fits", b'{"max":18446744073709551615,"min":-9223372036854775808,"id":"%s"}' % big),
+                event(b"over", b'{"n":18446744073709551616}'),
+                event(b"nested", b'{"a":[{"b":%s}]}' % big),
+            ]
+        ),
+    )
+    with gw.client("G") as c:
+        resp = c.post("/v1/events", content=body, headers=JSON)
+        gz = c.post("/v1/events", content=gzip.compress(body), headers={**JSON, "Content-Encoding": "gzip"})
+        track = c.post(
+            "/apiv1/ab-tests/3/track",
+            content=b'{"user_id":"%s","metric_name":"m","value":%s}' % (user.encode(), big),
+            headers=JSON,
+        )
+        assignment = c.post(
+            "/v1/assignment",
+            content=b'{"anonymous_user_id":"%s","attributes":{"n":%s}}' % (user.encode(), big),
+            headers=JSON,
+        )
+    for r in (resp, gz):
+        assert r.status_code == 200, r.text
+        results = r.json()["results"]
+        assert results[0]["status"] == "accepted"
+        assert [(x["code"], x["field"]) for x in results[1:]] == [
+            ("integer_out_of_range", "events.1.properties.n"),
+            ("integer_out_of_range", "events.2.properties.a.0.b"),
+        ]
+    check_error(track, 400, "integer_out_of_range", {"value": "integer_out_of_range"})
+    check_error(assignment, 400, "integer_out_of_range", {"attributes.n": "integer_out_of_range"})
+
+    ids = {resp.json()["results"][0]["event_id"], gz.json()["results"][0]["event_id"]}
+    records = events_of(gw.settings, user, ids)
+    for record in records:
+        (stored,) = record.value["events"]
+        assert stored["properties"] == {"max": 2**64 - 1, "min": -(2**63), "id": big.decode()}
+        assert type(stored["properties"]["max"]) is int
+    dead = rejected_of(gw.settings, user, 5, lambda v: v["code"] == "integer_out_of_range")
+    assert len(dead) == 5  # 2 events x 2 requests, and the metric
+    assert sum(big.decode() in r.value["raw"] for r in dead) == 3, "the digits as sent, not a rounded float"
+
+
 def test_v1_gzip_and_content_encoding(gw: Gateways) -> None:
     user = unique("gzip")
     eid = f"gz-{uuid.uuid4()}"

@@ -443,7 +443,7 @@ class TestObjects:
         assert code_of(v1(ev(**{key: value}))) == f"invalid_{key}"
 
     def test_non_json_python_values_from_direct_callers(self) -> None:
-        for value in ({"a": {1, 2}}, {"a": 2**70}, {"a": b"bytes"}):
+        for value in ({"a": {1, 2}}, {"a": b"bytes"}):
             result = ingest_v1(v1(ev(properties=value)), NOW, S)
             assert one(result)["code"] == "invalid_properties"
             assert decode_record(result.rejected_records[0].value)["raw"].startswith("<not serialisable")
@@ -843,7 +843,8 @@ class TestTrack:
             (True, "invalid_value"),
             ("1.0", "invalid_value"),
             ([1], "invalid_value"),
-            (2**64, "invalid_value"),
+            (2**64, "integer_out_of_range"),
+            (-(2**63) - 1, "integer_out_of_range"),
             (None, "missing_value"),
             (..., "missing_value"),
         ],
@@ -894,11 +895,82 @@ class TestTrack:
         assert again.duplicates == 1 and again.records == [] and again.single_error() is None
 
 
+class TestBigIntegers:
+    """orjson reads an integer beyond 64 bits as a float: the gateway must refuse it, not store something else."""
+
+    BIG = b"123456789012345678901234567890"
+
+    def body(self, *properties: bytes) -> bytes:
+        events = b",".join(b'{"event_name":"e","occurred_at":%d,"properties":%s}' % (NOW - 1000, p) for p in properties)
+        return b'{"anonymous_user_id":"u","events":[%s]}' % events
+
+    @pytest.mark.parametrize(
+        ("literal", "ok"),
+        [
+            (b"18446744073709551615", True),  # 2^64 - 1
+            (b"18446744073709551616", False),
+            (b"-9223372036854775808", True),  # -2^63
+            (b"-9223372036854775809", False),
+            (b"9223372036854775808", True),  # 2^63: UInt64
+            (b"123456789012345678901234567890", False),
+            (b"1" + b"0" * 5000, False),  # more digits than int() reads
+            (b"1234567890123456789012.5", True),  # a fraction is a float, as posted
+            (b"1e30", True),
+        ],
+    )
+    def test_boundaries_per_event(self, literal: bytes, ok: bool) -> None:
+        body = self.body(b'{"n":%s}' % literal, b'{"n":1}')
+        result = ingest_v1(decode_body("application/json", None, body, S, big_integers="mark"), NOW, S)
+        first, second = result.results
+        assert second["status"] == "accepted"  # one bad number never rejects its neighbour
+        if ok:
+            assert first["status"] == "accepted"
+            posted = orjson.loads(literal)
+            assert decode_record(result.records[0].value)["events"][0]["properties"]["n"] == posted
+        else:
+            assert (first["code"], first["field"]) == ("integer_out_of_range", "events.0.properties.n")
+            raw = decode_record(result.rejected_records[0].value)["raw"]
+            assert literal[:1000].decode() in raw  # the dead letter keeps the digits as sent
+
+    def test_nested_path_and_context(self) -> None:
+        body = self.body(b'{"a":[1,{"b":%s}]}' % self.BIG).replace(b'"properties"', b'"context"')
+        result = ingest_v1(decode_body("application/json", None, body, S, big_integers="mark"), NOW, S)
+        assert (one(result)["code"], one(result)["field"]) == ("integer_out_of_range", "events.0.context.a.1.b")
+
+    def test_digits_in_strings_change_nothing(self) -> None:
+        body = self.body(b'{"id":"%s","n":%s}' % (self.BIG, b"1" * 19))
+        assert decode_body("application/json", None, body, S) == orjson.loads(body)
+        result = ingest_v1(decode_body("application/json", None, body, S, big_integers="mark"), NOW, S)
+        assert only_event(result)["properties"] == {"id": self.BIG.decode(), "n": int("1" * 19)}
+
+    def test_refused_as_a_whole_outside_ingestion(self) -> None:
+        err = api_error(decode_body, "application/json", None, b'{"attributes":{"x":[%s]}}' % self.BIG, S)
+        assert (err.status, err.code, err.details[0]["field"]) == (400, "integer_out_of_range", "attributes.x.0")
+        err = api_error(decode_body, "application/json", None, self.BIG, S)
+        assert err.details[0]["field"] == "body"
+
+    def test_gzip_body(self) -> None:
+        body = gzip.compress(self.body(b'{"n":%s}' % self.BIG))
+        result = ingest_v1(decode_body("application/json", "gzip", body, S, big_integers="mark"), NOW, S)
+        assert one(result)["code"] == "integer_out_of_range"
+
+    def test_track_value_and_arkforge(self) -> None:
+        raw = b'{"user_id":"u","metric_name":"m","value":%s}' % self.BIG
+        payload = decode_body("application/json", None, raw, S, big_integers="mark")
+        err = ingest_track(payload, "t", NOW, S).single_error()
+        assert err is not None and (err.code, err.details[0]["field"]) == ("integer_out_of_range", "value")
+        raw = b'[{"event_type":"e","user_id":"u","properties":{"n":%s}},{"event_type":"e","user_id":"u"}]' % self.BIG
+        result = ingest_apiv1_batch(decode_body("application/json", None, raw, S, big_integers="mark"), NOW, S)
+        assert [r["status"] for r in result.results] == ["rejected", "accepted"]
+        assert result.results[0]["field"] == "0.properties.n"
+
+
 # ------------------------------------------------------------------------------ models agree with the core
 
 
 GOOD_V1 = [
     ev(),
+    ev(properties={"max": 2**64 - 1, "min": -(2**63)}),
     ev(event_id="e1", properties={"a": [1, {"b": 2}]}, context={"c": 1}),
     ev(occurred_at=NOW - 5),
     ev(event_name="$pageview"),
@@ -919,6 +991,8 @@ BAD_V1 = [
     ev(properties={"k": "x" * 20_000}),
     ev(occurred_at=...),
     ev(event_name=...),
+    ev(properties={"n": 2**64}),
+    ev(context={"l": [-(2**63) - 1]}),
 ]
 
 
