@@ -21,7 +21,7 @@ from starlette.routing import Route
 
 from abstream.config import Settings
 from gateway import apiv1, v1
-from gateway.core import GatewayCore
+from gateway.core import RETRY_AFTER_S, GatewayCore
 from gateway.endpoints import Endpoint
 from gateway.http import (
     AccessLogMiddleware,
@@ -61,7 +61,7 @@ async def health_ready(request: Request) -> Response:
     body: dict[str, object] = {"status": "ready" if ok else "not_ready", "checks": checks}
     if core.registry.startup_error:
         body["error"] = core.registry.startup_error
-    return JSONResponse(body, status_code=200 if ok else 503)
+    return JSONResponse(body, status_code=200 if ok else 503, headers=None if ok else {"Retry-After": RETRY_AFTER_S})
 
 
 HEALTH_ENDPOINTS = [
@@ -73,8 +73,9 @@ HEALTH_ENDPOINTS = [
         "Readiness: Kafka connected and the experiment registry loaded",
         "health",
         responses={200: Readiness, 503: Readiness},
-        description="503, with the same body, while Kafka is not connected or the registry is still loading "
-        "(or failed to load: see `error`).",
+        description="503, with the same body, until Kafka is first connected and the registry loaded (or when "
+        "it failed to load: see `error`), and again while Kafka does not answer (a failed publish or the "
+        "once-a-second broker check, until one succeeds).",
     ),
 ]
 

@@ -45,17 +45,21 @@ def build_openapi(endpoints: Iterable[Endpoint], version: str) -> dict[str, Any]
             {"name": name, "in": "path", "required": True, "schema": {"type": "integer"}}
             for name in _PARAM.findall(ep.path)
         ]
-        if params:
-            op["parameters"] = params
         if ep.request is not None:
+            params.append(_CONTENT_ENCODING)
+            schema = _request_schema_of(ep.request, components)
             op["requestBody"] = {
                 "required": True,
-                "content": {"application/json": {"schema": _request_schema_of(ep.request, components)}},
+                "description": _BODY,
+                "content": {"application/json": {"schema": schema}, "text/plain": {"schema": schema}},
             }
+        if params:
+            op["parameters"] = params
         op["responses"] = {
             str(status): {
                 "description": _DESCRIPTIONS.get(status, "answer"),
                 **({"content": {"application/json": {"schema": _schema_of(model, components)}}} if model else {}),
+                **({"headers": {"Retry-After": _RETRY_AFTER}} if status == 503 else {}),
             }
             for status, model in sorted(ep.responses.items())
         }
@@ -76,6 +80,20 @@ def build_openapi(endpoints: Iterable[Endpoint], version: str) -> dict[str, Any]
         },
     }
 
+
+_BODY = (
+    "JSON, UTF-8. `text/plain` is read as JSON too (what `navigator.sendBeacon` and no-preflight `fetch` send). "
+    "Integers must lie in [-2^63, 2^64-1] (`integer_out_of_range`)."
+)
+_CONTENT_ENCODING = {
+    "name": "Content-Encoding",
+    "in": "header",
+    "required": False,
+    "description": "Compressed body: gzip or deflate. Limits apply as sent and once decompressed, with a ratio "
+    "cap against gzip bombs (413); other codings are 415.",
+    "schema": {"type": "string", "enum": ["gzip", "x-gzip", "deflate", "identity"]},
+}
+_RETRY_AFTER = {"description": "Seconds to wait before retrying", "schema": {"type": "integer", "minimum": 1}}
 
 _DESCRIPTIONS = {
     200: "OK",

@@ -5,6 +5,10 @@ unreachable or slower than ABSTREAM_PRODUCE_TIMEOUT_S, ``publish`` raises ``Kafk
 the route answers 503 with Retry-After; the producer keeps reconnecting, so ingestion resumes
 without a gateway restart.
 
+``ready`` (``/health/ready``) is False until the first connection, and again while Kafka is unreachable: since
+a publish failed or the once-a-second broker check did, until one of them succeeds. A gateway that cannot
+reach Kafka cannot take any write (events and assignments both wait for Kafka's acknowledgement).
+
 Topics that vanish are re-created (``ensure_topics``): after any failed publish, before the next one,
 and when a once-a-second metadata check finds one missing (a broker restarted while this gateway was
 idle). Kafka answers UnknownTopicOrPartition for a topic it does not have (the publish times out and
@@ -43,13 +47,15 @@ class Publisher:
         self._producer: AIOKafkaProducer | None = None
         self._connect_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
-        self._ready = asyncio.Event()
+        self._ready = asyncio.Event()  # connected once (start-up)
+        self._reachable = True  # the last publish or broker check got an answer
         self._topics_checked = True  # set False by a failed publish: re-create missing topics first
         self._topics_lock = asyncio.Lock()
 
     @property
     def ready(self) -> bool:
-        return self._ready.is_set()
+        """Connected, and Kafka answered the last publish or broker check."""
+        return self._ready.is_set() and self._reachable
 
     async def start(self) -> None:
         """Return at once; connect (and create topics) in the background, retrying with backoff."""
@@ -79,18 +85,30 @@ class Publisher:
             return
 
     async def _watch_topics(self, producer: AIOKafkaProducer) -> None:
-        """Notice topics gone missing while no publish failed (the broker restarted empty meanwhile)."""
+        """Notice topics gone missing while no publish failed (the broker restarted empty meanwhile), and
+        whether Kafka answers at all (readiness)."""
         wanted = {spec.name for spec in topic_specs(self.settings)}
         while True:
             await asyncio.sleep(TOPIC_CHECK_INTERVAL_S)
             try:
-                cluster = await producer.client.fetch_all_metadata()  # lists topics, creates none
+                async with asyncio.timeout(self.settings.kafka_produce_timeout_s):
+                    cluster = await producer.client.fetch_all_metadata()  # lists topics, creates none
+                self._set_reachable(True)
                 if wanted - cluster.topics():
                     self._topics_checked = False
                     await self._recreate_topics()
             except Exception as exc:  # noqa: BLE001 - keep watching whatever the broker does
                 self._topics_checked = False
+                self._set_reachable(False)
                 log.debug("Kafka topic check failed: %s", exc)
+
+    def _set_reachable(self, reachable: bool) -> None:
+        if reachable != self._reachable:
+            self._reachable = reachable
+            if reachable:
+                log.info("Kafka at %s answers again: ready", self.settings.kafka_bootstrap_servers)
+            else:
+                log.warning("Kafka at %s does not answer: not ready", self.settings.kafka_bootstrap_servers)
 
     async def publish(self, messages: Sequence[Message], return_metadata: bool = False) -> list[RecordMetadata]:
         """Send every message and wait until Kafka acknowledged all of them, or raise KafkaUnavailable."""
@@ -105,7 +123,10 @@ class Publisher:
                 metadata = await asyncio.gather(*futures)
         except (TimeoutError, KafkaError, OSError) as exc:
             self._topics_checked = False
+            self._set_reachable(False)
             raise KafkaUnavailable(f"Kafka did not acknowledge: {type(exc).__name__}: {exc}") from exc
+        if not self._reachable:
+            self._set_reachable(True)
         return list(metadata) if return_metadata else []
 
     async def _recreate_topics(self) -> None:

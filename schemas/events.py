@@ -234,8 +234,9 @@ Timestamp = Annotated[
 ]
 EventName = Annotated[
     StrictStr,
+    # Constraints before the validator: after it, pydantic leaves them out of the JSON schema (OpenAPI).
+    Field(pattern=NAME_PATTERN, min_length=1, max_length=NAME_MAX_LENGTH, examples=["session_submitted"]),
     AfterValidator(_check_name),
-    Field(pattern=NAME_PATTERN, max_length=NAME_MAX_LENGTH, examples=["session_submitted"]),
 ]
 Id = Annotated[
     StrictStr,

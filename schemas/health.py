@@ -17,5 +17,7 @@ class Readiness(BaseModel):
     """``GET /health/ready``: 200 when ready for traffic, 503 (same shape) while not."""
 
     status: Literal["ready", "not_ready"]
-    checks: dict[str, bool] = Field(description="kafka: the producer is connected; registry: experiments loaded.")
+    checks: dict[str, bool] = Field(
+        description="kafka: the producer is connected and Kafka answers; registry: experiments loaded."
+    )
     error: str | None = Field(None, description="Why start-up failed, when it did (e.g. a malformed tests.json).")

@@ -28,7 +28,7 @@ from abstream.config import Settings
 from abstream.devstack.broker import start_broker, stop_process
 from abstream.devstack.ports import free_port
 from abstream.devstack.supervisor import Child, abstream_argv, http_ok, wait_healthy
-from schemas.events import EventRecord, RecordEvent, RejectedRecord
+from schemas.events import NAME_PATTERN, EventRecord, RecordEvent, RejectedRecord
 from tests.stack import Infra, isolated_settings
 from tests.test_gateway_assignment import JSON, Gateways, Rec, error_fields, poll, read_topic, unique
 
@@ -763,14 +763,25 @@ def test_openapi_describes_both_surfaces_and_matches_live_answers(gw: Gateways) 
         for method, path in SURFACES:
             op = doc["paths"][path][method]
             assert op["summary"] and op["responses"], (method, path)
+            names = [p["name"] for p in op.get("parameters", [])]
             if method in ("post", "patch") and not path.endswith("/results"):
-                req = op["requestBody"]["content"]["application/json"]["schema"]
-                assert req, (method, path)
+                content = op["requestBody"]["content"]
+                assert content["application/json"]["schema"], (method, path)
+                assert content["text/plain"] == content["application/json"], "sendBeacon bodies"
+                assert names[-1] == "Content-Encoding", (method, path)
+                encoding = op["parameters"][-1]
+                assert encoding["in"] == "header" and "gzip" in encoding["schema"]["enum"]
             success = [s for s in op["responses"] if s.startswith("2")]
             if not path.endswith("/results"):
                 assert success and all("content" in op["responses"][s] for s in success), (method, path)
             if "{test_id}" in path:
-                assert [p["name"] for p in op["parameters"]] == ["test_id"]
+                assert names[0] == "test_id"
+            if "503" in op["responses"]:
+                assert "Retry-After" in op["responses"]["503"]["headers"], (method, path)
+        # names carry their pattern and bounds, as the gateway enforces them
+        for model, field in (("V1Event", "event_name"), ("ApiV1Event", "event_type")):
+            name = components[model]["properties"][field]
+            assert (name["pattern"], name["minLength"], name["maxLength"]) == (NAME_PATTERN, 1, 128)
         # request schemas name the seed fields
         req = lambda m, p: doc["paths"][p][m]["requestBody"]["content"]["application/json"]["schema"]  # noqa: E731
         resolve = lambda s: components[s["$ref"].rsplit("/", 1)[1]] if "$ref" in s else s  # noqa: E731
@@ -904,9 +915,14 @@ def test_broker_outage_503_then_resumes_without_restart(infra: Infra, tmp_path: 
             check_unavailable(c.post("/v1/assignment", json={"anonymous_user_id": user}))
             check_unavailable(c.post("/apiv1/ab-tests/3/assign", json={"user_id": user}))
             assert c.get("/health/live").status_code == 200
+            # not ready while Kafka does not answer (a failed publish says so at once), with the reason
+            ready = c.get("/health/ready")
+            assert ready.status_code == 503 and ready.json()["checks"] == {"kafka": False, "registry": True}
+            assert ready.headers["retry-after"]
 
             # the broker returns EMPTY (tansu keeps nothing): ingestion resumes, same gateway process
             broker = start_broker("127.0.0.1", port)
+            poll(lambda: _ready(c), 20, 0.1)  # the once-a-second broker check notices, before any publish
 
             def resumed() -> bool:
                 resp = post(c, "/v1/events", batch("after-outage"))
