@@ -29,6 +29,9 @@ from abstream.devstack.supervisor import Child, abstream_argv, http_ok, wait_hea
 from abstream.migrate import migrate
 from stream_workers.verify import actual_totals, differences, expected_totals
 from tests.stack import app_process, log_dir, start_app
+from tests.test_dashboards import DASHBOARDS, panel_results
+
+INGESTION_DASHBOARD = next(p for p in DASHBOARDS if p.name == "ingestion.json")
 
 
 def wait_for(check: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
@@ -118,6 +121,30 @@ def test_events_assignments_and_rollups_end_to_end(stack: tuple[Settings, str]) 
         ("event", "invalid_event_name", "events.0.event_name", users[0]),
         ("request", "invalid_platform", "platform", users[0]),
     ]
+
+    # the ingestion dashboard shows these very events (its panels' SQL, run as Grafana would)
+    panels = panel_results(settings, INGESTION_DASHBOARD)
+    assert panels["Accepted events"] == [{"accepted": total}]
+    assert (panels["Rejected events"], panels["Refused requests"]) == ([{"rejected": 1}], [{"refused": 1}])
+    assert panels["Rejection rate"][0]["rate"] == pytest.approx(1 / (total + 1))
+    by_surface = Counter()
+    for row in panels["Accepted events by surface"]:
+        by_surface[row["surface"]] += row["events"]
+    assert by_surface == {"v1": total - 1, "track": 1}
+    assert {r["code"]: r["rejections"] for r in panels["Rejections by code"]} == {
+        "invalid_event_name": 1,
+        "invalid_platform": 1,
+    }
+    wrong = {
+        (r["code"], r["scope"], r["field"]): (r["rejections"], r["users"]) for r in panels["What clients get wrong"]
+    }
+    assert wrong == {("invalid_event_name", "event", "events.0.event_name"): (1, 1),
+                     ("invalid_platform", "request", "platform"): (1, 1)}  # fmt: skip
+    latest = panels["Latest rejected payloads"]
+    assert "bad name!" in next(r["raw"] for r in latest if r["code"] == "invalid_event_name")
+    assert all("user_id" not in r for r in latest), "the payload table does not list user ids"
+    lags = panels["Pipeline latency: gateway receive -> ClickHouse row"]
+    assert lags and all(0 <= r["p50"] <= r["p95"] <= r["p99"] < 60 for r in lags)
 
     # assignments: exactly one row per (user, experiment), the variant the gateway answered
     got = rows(settings, "SELECT user_id, experiment_id, variant_id FROM assignments")
