@@ -48,6 +48,7 @@ typedef struct {
     int fd;
     int connecting;
     int busy;
+    int closing; /* the last response said "Connection: close": drop the connection, do not reuse it */
     const request_t *req;
     size_t written;
     double scheduled, sent;
@@ -242,7 +243,8 @@ static void done(conn_t *c, int status, const char *body, size_t body_len) {
     idle_push(c);
 }
 
-/* Parse every complete response in the buffer; 0 when the connection must be dropped. */
+/* Parse every complete response in the buffer; 0 when the run must fail, 2 when the server closes the
+   connection after the answer just parsed (HTTP/1.1 "Connection: close"), else 1. */
 static int parse(conn_t *c) {
     size_t at = 0;
     while (at < c->used) {
@@ -254,9 +256,13 @@ static int parse(conn_t *c) {
         int status = avail > 12 ? atoi(start + 9) : 0;
         long length = -1;
         for (char *line = memchr(start, '\n', head_len); line && line < end; line = memchr(line + 1, '\n', (size_t)(end - line))) {
-            if ((size_t)(end - line) > 16 && strncasecmp(line + 1, "content-length:", 15) == 0) {
+            size_t rest = (size_t)(end - line);
+            if (rest > 16 && strncasecmp(line + 1, "content-length:", 15) == 0) {
                 length = strtol(line + 16, NULL, 10);
-                break;
+            } else if (rest > 12 && strncasecmp(line + 1, "connection:", 11) == 0) {
+                char *eol = memchr(line + 1, '\r', rest - 1);
+                size_t value_len = (size_t)((eol ? eol : end) - (line + 12));
+                c->closing = memmem(line + 12, value_len, "close", 5) != NULL;
             }
         }
         if (length < 0) {
@@ -271,6 +277,10 @@ static int parse(conn_t *c) {
         }
         done(c, status, end + 4, (size_t)length);
         at += total;
+        if (c->closing) { /* the server closes it after this answer: sending another would meet a reset */
+            idle_remove(c);
+            return 2;
+        }
     }
     if (at) {
         memmove(c->buf, c->buf + at, c->used - at);
@@ -292,8 +302,13 @@ static void readable(conn_t *c) {
         lost = n < 0 ? errno : ECONNRESET;
         break;
     }
-    if (!parse(c)) {
+    int parsed = parse(c);
+    if (!parsed) {
         stopping = failed = 1;
+        return;
+    }
+    if (parsed == 2) {
+        close_connection(c);
         return;
     }
     if (!lost) return;
