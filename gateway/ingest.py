@@ -488,8 +488,9 @@ def _name(ev: dict[str, Any], key: str) -> str:
     )
 
 
-def _event_time(value: object, key: str, lim: _Limits, received_at_ms: int) -> int:
-    """Parsed occurred_at within [received_at - max_event_age_s, received_at + max_future_skew_s].
+def _event_time(value: object, key: str, lim: _Limits, received_at_ms: int, what: str = "occurred_at") -> int:
+    """Parsed occurred_at (or sent_at: ``what``) within [received_at - max_event_age_s, received_at +
+    max_future_skew_s]; codes ``{what}_in_future``, ``{what}_too_old``, ``invalid_{what}``, ``naive_{what}``.
 
     Boundaries are inclusive: exactly max_future_skew_s ahead is accepted, one millisecond more is not.
     """
@@ -507,18 +508,18 @@ def _event_time(value: object, key: str, lim: _Limits, received_at_ms: int) -> i
     try:
         ms = timestamp_ms(value)
     except TimestampError as exc:
-        raise _Reject(f"{exc.reason}_occurred_at", key, exc.message) from None
+        raise _Reject(f"{exc.reason}_{what}", key, exc.message) from None
     ahead = ms - received_at_ms
     if ahead > lim.future_ms:
         raise _Reject(
-            "occurred_at_in_future",
+            f"{what}_in_future",
             key,
             f"is {ahead / 1000:.3f} s after the server's receive time; at most {lim.future_ms // 1000} s allowed",
         )
     if -ahead > lim.age_ms:
         hint = " (epoch SECONDS? send milliseconds)" if type(value) is int and value < 100_000_000_000 else ""
         raise _Reject(
-            "occurred_at_too_old",
+            f"{what}_too_old",
             key,
             f"is more than {lim.age_ms // 1000} s before the server's receive time{hint}",
         )
@@ -567,9 +568,13 @@ def _optional_id(ev: dict[str, Any], key: str, lim: _Limits) -> str | None:
     raise _Reject(f"invalid_{key}", key, _id_message(lim.id_len))
 
 
-def _sent_at(value: object, received_at_ms: int) -> int:
-    """skew_ms = received_at - sent_at; raises TimestampError."""
-    return received_at_ms - timestamp_ms(value)
+def _skew(sent_at: object, lim: _Limits, received_at_ms: int) -> int:
+    """skew_ms = received_at - sent_at; raises _Reject (field ``sent_at``).
+
+    sent_at obeys occurred_at's window: a device clock more than max_future_skew_s fast has its events refused
+    anyway, and a sent_at far from an occurred_at that passed would "correct" it into another century.
+    """
+    return received_at_ms - _event_time(sent_at, "sent_at", lim, received_at_ms, "sent_at")
 
 
 def _raw(ev: object) -> tuple[str, bool]:
@@ -809,9 +814,9 @@ def ingest_v1(payload: Any, received_at_ms: int, settings: Settings, dedup: Dedu
     skew = None
     if sent_at is not None:
         try:
-            skew = _sent_at(sent_at, received_at_ms)
-        except TimestampError as exc:
-            raise _envelope(f"{exc.reason}_sent_at", "sent_at", exc.message) from None
+            skew = _skew(sent_at, lim, received_at_ms)
+        except _Reject as exc:
+            raise _envelope(exc.code, "sent_at", exc.message) from None
     events = payload.get("events")
     if type(events) is not list or not events:
         what = "is required" if events is None else "must be a non-empty JSON array of events"
@@ -957,12 +962,7 @@ def _apiv1_event(ev: object, lim: _Limits, received_at_ms: int) -> tuple[str, st
         occurred_at, key = ev.get("timestamp"), "timestamp"
     occurred_ms = received_at_ms if occurred_at is None else _event_time(occurred_at, key, lim, received_at_ms)
     sent_at = ev.get("sent_at")
-    skew = None
-    if sent_at is not None:
-        try:
-            skew = _sent_at(sent_at, received_at_ms)
-        except TimestampError as exc:
-            raise _Reject(f"{exc.reason}_sent_at", "sent_at", exc.message) from None
+    skew = None if sent_at is None else _skew(sent_at, lim, received_at_ms)
     event_id = _optional_id(ev, "event_id", lim)
     properties = _json_object(ev.get("properties"), "properties", lim)
     event = _APIV1_TEMPLATE.copy()

@@ -300,7 +300,8 @@ class V1EventsRequest(_Payload):
         default=None,
         description=(
             "Device clock when the batch was sent. With it the server records skew_ms = received_at - sent_at "
-            "and corrected_at_ms = occurred_at + skew_ms for every event (device clock correction)."
+            "and corrected_at_ms = occurred_at + skew_ms for every event (device clock correction). The same "
+            "window as occurred_at applies (400 sent_at_in_future / sent_at_too_old)."
         ),
     )
     events: list[V1Event] = Field(min_length=1, max_length=DEFAULT_MAX_EVENTS_PER_BATCH)

@@ -62,6 +62,11 @@ from stream_workers.sink import ASSIGNMENT_COLUMNS, EVENT_LOG_COLUMNS, ClickHous
 
 log = logging.getLogger(__name__)
 
+STORABLE_MIN_MS, STORABLE_MAX_MS = 0, 4_294_967_295_000
+"""Event times a row can hold: rollup days are ClickHouse Date and DateTime (1970-01-01 .. 2106-02-07). The gateway
+keeps every time within days of its clock; a record from elsewhere that is not is stored at its receive time,
+because one unstorable row would stop the whole partition (each insert failing and retried forever)."""
+
 RECENT_PER_USER = 500  # events per user kept for re-enrichment (within ABSTREAM_ENRICH_LOOKBACK_S)
 
 
@@ -273,6 +278,16 @@ class Pipeline:
             corrected = ev["corrected_at_ms"]
             occurred = ev["occurred_at_ms"]
             t_ms = occurred if corrected is None else corrected
+            skew = ev["skew_ms"]
+            if not (
+                STORABLE_MIN_MS <= t_ms < STORABLE_MAX_MS
+                and STORABLE_MIN_MS <= occurred < STORABLE_MAX_MS
+                and (skew is None or STORABLE_MIN_MS <= received - skew < STORABLE_MAX_MS)
+            ):
+                log.warning("events partition %d offset %d: event time out of range, stored at its receive time",
+                            part.partition, offset)  # fmt: skip
+                t_ms = occurred = received
+                corrected = skew = None
             exp_id = ev["experiment_id"]
             metric_exp = None if exp_id is None else int(exp_id)
             value = ev["value"]
@@ -284,7 +299,6 @@ class Pipeline:
                                    value, attribution)  # fmt: skip
             add_event(user_event, funnels)
             occurred_raw = ev["occurred_at"]
-            skew = ev["skew_ms"]
             # properties/context go in as JSON objects: ClickHouse stores their text in the String columns
             # (input_format_json_read_objects_as_strings), so they are serialised once, by orjson.
             row = [

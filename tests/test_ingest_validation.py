@@ -296,6 +296,26 @@ class TestV1Envelope:
         assert api_error(ingest_v1, v1(sent_at="2026-02-19T10:15:30"), NOW, S).code == "naive_sent_at"
         assert api_error(ingest_v1, v1(sent_at=1.5), NOW, S).code == "invalid_sent_at"
 
+    def test_sent_at_window(self) -> None:
+        """sent_at obeys occurred_at's window: far off, it would "correct" a good occurred_at into another century
+        (a device clock reading 9999-12-31 once put events in year 0000, which no Date column holds)."""
+        future, age = S.max_future_skew_s * 1000, S.max_event_age_s * 1000
+        for ok in (NOW + future, NOW - age, iso(NOW + future)):
+            assert ingest_v1(v1(sent_at=ok), NOW, S).accepted == 1
+        for bad, code in (
+            (NOW + future + 1, "sent_at_in_future"),
+            ("9999-12-31T23:59:59Z", "sent_at_in_future"),
+            (NOW - age - 1, "sent_at_too_old"),
+            (0, "sent_at_too_old"),
+        ):
+            err = api_error(ingest_v1, v1(sent_at=bad), NOW, S)
+            assert (err.status, err.code, err.details[0]["field"]) == (400, code, "sent_at")
+        result = ingest_apiv1_batch([ark(sent_at="2090-01-01T00:00:00Z"), ark()], NOW, S)
+        assert [(r["status"], r.get("code"), r.get("field")) for r in result.results] == [
+            ("rejected", "sent_at_in_future", "0.sent_at"),
+            ("accepted", None, None),
+        ]
+
     def test_unknown_fields_are_ignored(self) -> None:
         assert ingest_v1(v1(ev(extra=1), whatever={"x": 1}), NOW, S).accepted == 1
 

@@ -246,6 +246,44 @@ def test_late_assignment_re_enriches_events_received_after_it(stack: tuple[Setti
     assert_verify_clean(settings)
 
 
+def test_an_event_time_no_column_can_hold_does_not_stop_the_partition(stack: tuple[Settings, str]) -> None:
+    """A record whose corrected time is year 0000 (a gateway without the sent_at window once wrote one) is stored at
+    its receive time; before, its insert failed forever and every later event of the partition waited behind it."""
+    import asyncio
+
+    from aiokafka import AIOKafkaProducer
+
+    from gateway.ingest import ingest_v1
+    from schemas.events import decode_record, encode_record
+
+    settings, base = stack
+    user = f"clock-{uuid.uuid4().hex[:6]}"
+    now = int(time.time() * 1000)
+    payload = {"anonymous_user_id": user, "events": [{"event_name": "app_open", "occurred_at": now - 1000}]}
+    (published,) = ingest_v1(payload, now, settings).records
+    record = decode_record(published.value)
+    record["events"][0].update(sent_at="9999-12-31T23:59:59Z", skew_ms=now - 253_402_300_799_000)
+    record["events"][0]["corrected_at_ms"] = now - 1000 + record["events"][0]["skew_ms"]
+
+    async def publish() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers)
+        await producer.start()
+        await producer.send_and_wait(settings.topic("events"), encode_record(record), key=user.encode())
+        await producer.stop()
+
+    asyncio.run(publish())
+    post_events(base, user, ["workout_started"])  # same user, same partition: must not wait behind it
+    wait_for(lambda: scalar(settings, "SELECT count() FROM event_logs FINAL WHERE user_id = {u:String}", u=user) == 2,
+             what="both events")  # fmt: skip
+    (row,) = rows(settings, "SELECT toUnixTimestamp64Milli(event_time), toUnixTimestamp64Milli(received_at), "
+                            "corrected_at, skew_ms FROM event_logs FINAL WHERE user_id = {u:String} "
+                            "AND event_name = 'app_open'", u=user)  # fmt: skip
+    assert row == (now, now, None, None)
+    wait_for(lambda: scalar(settings, "SELECT sum(events) FROM daily_metric_rollups WHERE platform = '*' "
+                                      "AND event_name = 'app_open'") == 1, what="rollup")  # fmt: skip
+    assert_verify_clean(settings)
+
+
 def test_client_retry_is_counted_once_across_gateways(stack: tuple[Settings, str]) -> None:
     settings, base = stack
     user = f"retry-{uuid.uuid4().hex[:6]}"
