@@ -58,7 +58,8 @@ async def read_json(request: Request, settings: Settings, *, per_event: bool = F
             big_integers="mark" if per_event else "refuse",
         )
     except ApiError as err:
-        err.sent = body  # for the dead letter of a refused ingestion request (gateway.core.records_refusals)
+        if err.sent is None:  # decode_body sets the decompressed body itself
+            err.sent = body  # for the dead letter of a refused ingestion request (gateway.core.records_refusals)
         raise
 
 

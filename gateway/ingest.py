@@ -57,7 +57,6 @@ import orjson
 from abstream.config import Settings
 from schemas.errors import ApiError
 from schemas.events import (
-    INTEGER_RANGE_MESSAGE,
     JSON_INT_MAX,
     JSON_INT_MIN,
     KNOWN_NAMES,
@@ -68,12 +67,12 @@ from schemas.events import (
     RECORD_VERSION,
     REJECTED_RAW_MAX_BYTES,
     TIMESTAMP_MAX_CHARS,
-    BigIntLiteral,
+    NumberLiteral,
     TimestampError,
     is_valid_name,
     json_too_deep,
-    out_of_range_integer,
     timestamp_ms,
+    unrepresentable_number,
 )
 
 __all__ = [
@@ -203,9 +202,10 @@ def decode_body(
     (Python's json.dumps emits them) rather than a generic ``malformed_json``. Routes should refuse a
     too-large Content-Length before reading the body; the size is checked here again regardless.
 
-    An integer outside [-2^63, 2^64-1] is refused as a whole request (400 ``integer_out_of_range``) with
-    ``big_integers="refuse"``; with ``"mark"`` (ingestion, where one event must not sink its neighbours) it
-    becomes a :class:`~schemas.events.BigIntLiteral` for the event's own validation to reject.
+    A number no 64-bit reader keeps as written (an integer outside [-2^63, 2^64-1], or beyond the double range
+    like 1e999) is refused as a whole request (400 ``integer_out_of_range`` / ``non_finite_value``, with its
+    path) with ``big_integers="refuse"``; with ``"mark"`` (ingestion, where one event must not sink its
+    neighbours) it becomes a :class:`~schemas.events.NumberLiteral` for the event's own validation to reject.
     """
     _media_type(content_type)
     if len(body) > settings.max_body_bytes:
@@ -213,6 +213,15 @@ def decode_body(
     wbits = _coding(content_encoding)
     if wbits is not None:
         body = _decompress(body, wbits, settings)
+        try:
+            return _decode_json(body, big_integers)
+        except ApiError as err:
+            err.sent = body  # the dead letter shows the JSON as the client wrote it, not the gzip bytes
+            raise
+    return _decode_json(body, big_integers)
+
+
+def _decode_json(body: bytes, big_integers: Literal["refuse", "mark"]) -> Any:
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -220,8 +229,9 @@ def decode_body(
         pos = exc.pos if isinstance(exc.pos, int) else 0
         head = bytes(body[pos : pos + 9])
         if "infinity" in msg or head.startswith((b"NaN", b"Infinity", b"-Infinity")):
-            # An integer of 310+ digits is too big for a double (orjson says "infinity"), yet it is not 1e999.
-            if "infinity" in msg and _has_big_integer(exact := _reread_or_none(body), big_integers):
+            # A number beyond the double range (1e999, or an integer of 310+ digits) is valid JSON: refuse only the
+            # event that holds it. NaN and Infinity are not JSON at all: the whole body is refused.
+            if "infinity" in msg and _has_unrepresentable(exact := _reread_or_none(body, strict=True), big_integers):
                 return exact
             raise ApiError(
                 400, "non_finite_value", f"NaN and Infinity are not JSON numbers (at char {pos}): {msg}"
@@ -232,7 +242,7 @@ def decode_body(
     if body.translate(_DIGITS_TO_ZERO).find(_NINETEEN_DIGITS) >= 0:
         exact = _reread_or_none(body)
         # exact == value: the digit run was in a string or a fraction (a C-speed check before the walk)
-        if exact is not None and exact != value and _has_big_integer(exact, big_integers):
+        if exact is not None and exact != value and _has_unrepresentable(exact, big_integers):
             return exact
     return value
 
@@ -241,50 +251,54 @@ _DIGITS_TO_ZERO = bytes(48 if 48 <= b <= 57 else 32 for b in range(256))
 _NINETEEN_DIGITS = b"0" * 19  # the shortest integer literal outside [-2^63, 2^64-1]: -9223372036854775809
 
 
-def _int_literal(text: str) -> int | BigIntLiteral:
+def _int_literal(text: str) -> int | NumberLiteral:
     if len(text) > 21:  # beyond any 64-bit integer; int() of a 4,301-digit string would even raise
-        return BigIntLiteral(text)
+        return NumberLiteral(text)
     value = int(text)
-    return value if JSON_INT_MIN <= value <= JSON_INT_MAX else BigIntLiteral(text)
+    return value if JSON_INT_MIN <= value <= JSON_INT_MAX else NumberLiteral(text)
 
 
-def _finite(text: str) -> float:
+def _float_literal(text: str) -> float | NumberLiteral:
     value = float(text)
-    if math.isinf(value):
-        raise ValueError(text)
-    return value
+    return NumberLiteral(text) if math.isinf(value) else value
 
 
 def _not_json(text: str) -> Any:
     raise ValueError(text)  # NaN, Infinity
 
 
-def _reread_or_none(body: bytes) -> Any:
-    """``body`` read again with integers beyond 64 bits as BigIntLiteral, or None when the standard library
-    cannot read it either (a float literal that overflows, 1e999). Only for bodies that may hold one."""
+def _reread_or_none(body: bytes, strict: bool = False) -> Any:
+    """``body`` read again with the numbers orjson cannot keep as NumberLiteral, or None when it is not JSON.
+
+    Only for bodies that may hold such a number. ``strict``: orjson stopped at the number, so it never saw the
+    rest; the standard library reads lone surrogates (``"\\ud800"``) that orjson refuses, so the result must
+    also be something orjson writes (else None: the body is refused as malformed, as without the number).
+    """
     try:
-        return json.loads(body, parse_int=_int_literal, parse_float=_finite, parse_constant=_not_json)
+        exact = json.loads(body, parse_int=_int_literal, parse_float=_float_literal, parse_constant=_not_json)
     except RecursionError:  # nesting orjson reads (1024) but Python's recursion limit does not
         raise ApiError(400, "too_deep", "body nests too deep to check its numbers") from None
     except ValueError:
         return None
+    if strict:
+        try:
+            _dumps(exact, default=_literal)
+        except orjson.JSONEncodeError:
+            return None
+    return exact
 
 
-def _has_big_integer(exact: Any, big_integers: Literal["refuse", "mark"]) -> bool:
-    """True when ``exact`` holds a BigIntLiteral to be rejected per event; refused as a whole with "refuse"."""
+def _has_unrepresentable(exact: Any, big_integers: Literal["refuse", "mark"]) -> bool:
+    """True when ``exact`` holds a NumberLiteral to be rejected per event; refused as a whole with "refuse"."""
     if exact is None:
         return False
-    path = out_of_range_integer(exact)
-    if path is None:
+    bad = unrepresentable_number(exact)
+    if bad is None:
         return False
     if big_integers == "refuse":
+        path, code, message = bad
         field = path or "body"
-        raise ApiError(
-            400,
-            "integer_out_of_range",
-            f"{field}: {INTEGER_RANGE_MESSAGE}",
-            [{"field": field, "code": "integer_out_of_range", "message": INTEGER_RANGE_MESSAGE}],
-        )
+        raise ApiError(400, code, f"{field}: {message}", [{"field": field, "code": code, "message": message}])
     return True
 
 
@@ -545,9 +559,9 @@ def _json_object(value: object, key: str, lim: _Limits) -> Any:
         try:
             raw = _dumps(value)
         except orjson.JSONEncodeError:  # deeper than orjson writes (254), an integer beyond 64 bits, not JSON
-            path = out_of_range_integer(value)
-            if path is not None:
-                raise _Reject("integer_out_of_range", f"{key}.{path}", INTEGER_RANGE_MESSAGE) from None
+            bad = unrepresentable_number(value)
+            if bad is not None:
+                raise _Reject(bad[1], f"{key}.{bad[0]}", bad[2]) from None
             if json_too_deep(value, lim.depth):
                 raise _Reject(f"{key}_too_deep", key, f"nests deeper than {lim.depth} levels") from None
             raise _Reject(f"invalid_{key}", key, "is not serialisable JSON") from None
@@ -593,7 +607,7 @@ def _raw(ev: object) -> tuple[str, bool]:
 
 def _literal(value: object) -> Any:
     """orjson ``default``: a number too big to read is written back as the client sent it."""
-    if type(value) is BigIntLiteral:
+    if type(value) is NumberLiteral:
         return _Fragment(value.text.encode())
     raise TypeError
 
@@ -1053,8 +1067,9 @@ def ingest_track(
         if t is float:
             if not math.isfinite(value):
                 raise _Reject("non_finite_value", "value", "must be a finite number (not NaN or Infinity)")
-        elif t is BigIntLiteral or (t is int and not JSON_INT_MIN <= value <= JSON_INT_MAX):
-            raise _Reject("integer_out_of_range", "value", INTEGER_RANGE_MESSAGE)
+        elif t is NumberLiteral or (t is int and not JSON_INT_MIN <= value <= JSON_INT_MAX):
+            _, code, message = unrepresentable_number(value)  # type: ignore[misc]
+            raise _Reject(code, "value", message)
         elif t is not int:
             raise _Reject("invalid_value", "value", "must be a number")
         occurred_at, key = payload.get("occurred_at"), "occurred_at"

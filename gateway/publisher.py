@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 Message = tuple[str, bytes | None, bytes]  # (topic, key, value)
 
 TOPIC_CHECK_INTERVAL_S = 1.0
+BROKER_CHECK_TIMEOUT_S = 2.0
 
 
 class KafkaUnavailable(Exception):
@@ -91,7 +92,8 @@ class Publisher:
         while True:
             await asyncio.sleep(TOPIC_CHECK_INTERVAL_S)
             try:
-                async with asyncio.timeout(self.settings.kafka_produce_timeout_s):
+                # A metadata answer takes milliseconds: 2 s without one is a broker that does not answer.
+                async with asyncio.timeout(min(self.settings.kafka_produce_timeout_s, BROKER_CHECK_TIMEOUT_S)):
                     cluster = await producer.client.fetch_all_metadata()  # lists topics, creates none
                 self._set_reachable(True)
                 if wanted - cluster.topics():

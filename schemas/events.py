@@ -93,9 +93,16 @@ def timestamp_ms(value: object) -> int:
         try:
             dt = _fromisoformat(value)  # type: ignore[arg-type]
         except ValueError:
+            dt = None
+        if dt is None and ("t" in value or "z" in value):  # type: ignore[operator]
+            try:  # RFC 3339 allows a lower-case T and Z; fromisoformat does not
+                dt = _fromisoformat(value.upper())  # type: ignore[attr-defined]
+            except ValueError:
+                dt = None
+        if dt is None:
             raise TimestampError(
                 "invalid", "not an ISO 8601 date-time (e.g. 2026-02-19T10:15:30.123Z) nor epoch milliseconds"
-            ) from None
+            )
         if dt.tzinfo is None:
             raise TimestampError("naive", "has no time zone: add Z or an offset such as +01:00")
         td = dt - _EPOCH
@@ -148,12 +155,17 @@ INTEGER_RANGE_MESSAGE = (
 )
 
 
-class BigIntLiteral:
-    """An integer literal outside [JSON_INT_MIN, JSON_INT_MAX], kept as the client wrote it.
+FLOAT_RANGE_MESSAGE = "is beyond the range of a 64-bit float (about 1.8e308)"
 
-    The gateway's JSON reader (orjson) turns ``12345678901234567890123`` into ``1.2345678901234568e22``
-    without a word; the gateway re-reads such bodies and puts one of these in the number's place, so the
-    event is refused (``integer_out_of_range``) and its dead letter still shows the digits as sent.
+
+class NumberLiteral:
+    """A JSON number no 64-bit reader keeps as written, held as the client wrote it: an integer outside
+    [JSON_INT_MIN, JSON_INT_MAX] (orjson turns ``12345678901234567890123`` into ``1.2345678901234568e22`` without
+    a word) or a number beyond the double range (``1e999``: orjson refuses the whole body).
+
+    The gateway re-reads a body that may hold one and puts one of these in the number's place, so that only the
+    event holding it is refused (``integer_out_of_range`` / ``non_finite_value``), and its dead letter still
+    shows the digits as sent.
     """
 
     __slots__ = ("text",)
@@ -161,19 +173,34 @@ class BigIntLiteral:
     def __init__(self, text: str) -> None:
         self.text = text
 
+    @property
+    def is_integer(self) -> bool:
+        return not any(c in self.text for c in ".eE")
+
+    @property
+    def code(self) -> str:
+        return "integer_out_of_range" if self.is_integer else "non_finite_value"
+
+    @property
+    def message(self) -> str:
+        return INTEGER_RANGE_MESSAGE if self.is_integer else FLOAT_RANGE_MESSAGE
+
     def __repr__(self) -> str:
-        return f"BigIntLiteral({self.text!r})"
+        return f"NumberLiteral({self.text!r})"
 
 
-def out_of_range_integer(value: object) -> str | None:
-    """Dotted path (``""`` for ``value`` itself, else ``a.0.b``) of the first integer outside
-    [JSON_INT_MIN, JSON_INT_MAX] in a JSON value (a :class:`BigIntLiteral` or a Python int), or None."""
+def unrepresentable_number(value: object) -> tuple[str, str, str] | None:
+    """(path, code, message) of the first number in a JSON value that cannot be kept as written (a
+    :class:`NumberLiteral`, or a Python int outside [JSON_INT_MIN, JSON_INT_MAX]), or None. The path is dotted
+    (``a.0.b``), ``""`` for ``value`` itself."""
     stack: list[tuple[str, object]] = [("", value)]
     while stack:
         path, item = stack.pop()
         t = type(item)
-        if t is BigIntLiteral or (t is int and not JSON_INT_MIN <= item <= JSON_INT_MAX):  # type: ignore[operator]
-            return path
+        if t is NumberLiteral:
+            return path, item.code, item.message  # type: ignore[attr-defined]
+        if t is int and not JSON_INT_MIN <= item <= JSON_INT_MAX:  # type: ignore[operator]
+            return path, "integer_out_of_range", INTEGER_RANGE_MESSAGE
         if t is dict:
             children: Any = item.items()  # type: ignore[attr-defined]
         elif t is list:
@@ -199,9 +226,9 @@ def _check_name(value: str) -> str:
 def _check_object(value: dict[str, Any]) -> dict[str, Any]:
     if json_too_deep(value, DEFAULT_MAX_JSON_DEPTH):
         raise ValueError(f"nests deeper than {DEFAULT_MAX_JSON_DEPTH} levels (max_json_depth)")
-    path = out_of_range_integer(value)
-    if path is not None:
-        raise ValueError(f"{path} {INTEGER_RANGE_MESSAGE}")
+    bad = unrepresentable_number(value)
+    if bad is not None:
+        raise ValueError(f"{bad[0]} {bad[2]}")
     try:
         size = len(orjson.dumps(value))
     except orjson.JSONEncodeError as exc:  # a TypeError: pydantic would not report it as a validation error
@@ -465,7 +492,8 @@ __all__ = [
     "AcceptedResult",
     "ApiV1Event",
     "ApiV1EventBatch",
-    "BigIntLiteral",
+    "FLOAT_RANGE_MESSAGE",
+    "NumberLiteral",
     "EventRecord",
     "IngestResponse",
     "RecordEvent",
@@ -480,6 +508,6 @@ __all__ = [
     "encode_record",
     "is_valid_name",
     "json_too_deep",
-    "out_of_range_integer",
+    "unrepresentable_number",
     "timestamp_ms",
 ]

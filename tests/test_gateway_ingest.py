@@ -294,6 +294,7 @@ def test_integers_beyond_64_bits_are_refused_not_rounded(gw: Gateways) -> None:
                 event(b"fits", b'{"max":18446744073709551615,"min":-9223372036854775808,"id":"%s"}' % big),
                 event(b"over", b'{"n":18446744073709551616}'),
                 event(b"nested", b'{"a":[{"b":%s}]}' % big),
+                event(b"inf", b'{"x":1e999}'),
             ]
         ),
     )
@@ -317,6 +318,7 @@ def test_integers_beyond_64_bits_are_refused_not_rounded(gw: Gateways) -> None:
         assert [(x["code"], x["field"]) for x in results[1:]] == [
             ("integer_out_of_range", "events.1.properties.n"),
             ("integer_out_of_range", "events.2.properties.a.0.b"),
+            ("non_finite_value", "events.3.properties.x"),
         ]
     check_error(track, 400, "integer_out_of_range", {"value": "integer_out_of_range"})
     check_error(assignment, 400, "integer_out_of_range", {"attributes.n": "integer_out_of_range"})
@@ -329,6 +331,26 @@ def test_integers_beyond_64_bits_are_refused_not_rounded(gw: Gateways) -> None:
         assert type(stored["properties"]["max"]) is int
     dead = rejected_of(gw.settings, user, 5, lambda v: v["code"] == "integer_out_of_range")
     assert len(dead) == 5  # 2 events x 2 requests, and the metric
+    (inf,) = rejected_of(gw.settings, user, 2, lambda v: v["code"] == "non_finite_value")[:1]
+    assert inf.value["raw"].endswith('"properties":{"x":1e999}}'), "as sent"
+
+    # a lone surrogate orjson refuses, after a number it stops at: 400, not a 500 from the re-read
+    with gw.client("G") as c:
+        surrogate = c.post(
+            "/v1/events",
+            content=b'{"events":[{"event_name":"e","occurred_at":%d,"properties":{"n":%s}}],'
+            b'"anonymous_user_id":"\\ud800"}' % (at, b"9" * 400),
+            headers=JSON,
+        )
+        refused = c.post(  # a refused gzip body is dead-lettered as the JSON it holds, not as gzip bytes
+            "/v1/events",
+            content=gzip.compress(b'{"anonymous_user_id":"%s","events":[ broken' % user.encode()),
+            headers={**JSON, "Content-Encoding": "gzip"},
+        )
+    check_error(surrogate, 400, "non_finite_value")
+    check_error(refused, 400, "malformed_json")
+    (letter,) = rejected_of(gw.settings, None, 1, lambda v: v["code"] == "malformed_json" and user in v["raw"])
+    assert letter.value["raw"] == '{"anonymous_user_id":"' + user + '","events":[ broken'
     assert sum(big.decode() in r.value["raw"] for r in dead) == 3, "the digits as sent, not a rounded float"
 
 

@@ -89,9 +89,9 @@ def code_of(payload: dict[str, Any], settings: Settings = S) -> str | None:
     return None if r["status"] == "accepted" else r["code"]
 
 
-def api_error(fn: Any, *args: Any) -> ApiError:
+def api_error(fn: Any, *args: Any, **kwargs: Any) -> ApiError:
     with pytest.raises(ApiError) as info:
-        fn(*args)
+        fn(*args, **kwargs)
     return info.value
 
 
@@ -358,6 +358,7 @@ class TestOccurredAt:
             "2026-02-19T10:15:29.5-00:00",
             "20260219T101529Z",
             "2026-02-19T10:15:29.123456789Z",
+            "2026-02-19t10:15:29.000z",  # RFC 3339 allows lower case
             NOW - 1000,
             NOW,
         ],
@@ -974,11 +975,46 @@ class TestBigIntegers:
         result = ingest_v1(decode_body("application/json", "gzip", body, S, big_integers="mark"), NOW, S)
         assert one(result)["code"] == "integer_out_of_range"
 
+    def test_numbers_beyond_the_double_range_are_per_event_too(self) -> None:
+        body = self.body(b'{"n":1e999}', b'{"n":-1.5e400}', b'{"n":%s}' % (b"9" * 400), b'{"n":1.5e308}')
+        result = ingest_v1(decode_body("application/json", None, body, S, big_integers="mark"), NOW, S)
+        assert [(r["status"], r.get("code")) for r in result.results] == [
+            ("rejected", "non_finite_value"),
+            ("rejected", "non_finite_value"),
+            ("rejected", "integer_out_of_range"),
+            ("accepted", None),
+        ]
+        assert decode_record(result.rejected_records[0].value)["raw"].endswith('"properties":{"n":1e999}}')
+        err = api_error(decode_body, "application/json", None, body, S)  # elsewhere: the whole request
+        assert (err.code, err.details[0]["field"]) == ("non_finite_value", "events.0.properties.n")
+        for not_json in (b"NaN", b"Infinity", b"-Infinity"):  # not JSON at all: the whole body
+            raw = self.body(b'{"n":%s}' % not_json, b'{"n":1}')
+            assert api_error(decode_body, "application/json", None, raw, S, big_integers="mark").code == (
+                "non_finite_value"
+            )
+
+    def test_a_lone_surrogate_beside_a_huge_number_is_malformed_not_a_500(self) -> None:
+        # orjson stops at the number; the standard library would read the surrogate that orjson refuses
+        for body in (
+            b'{"events":[{"event_name":"a","properties":{"n":%s}}],"anonymous_user_id":"\\ud800x"}' % (b"9" * 400),
+            b'{"events":[{"event_name":"a","properties":{"n":1e999}}],"anonymous_user_id":"\\udfff"}',
+        ):
+            err = api_error(decode_body, "application/json", None, body, S, big_integers="mark")
+            assert err.status == 400 and err.code in ("malformed_json", "non_finite_value")  # whichever comes first
+
+    def test_a_refused_gzip_body_is_dead_lettered_as_json(self) -> None:
+        sent = b'{"anonymous_user_id":"gz","events":[ broken'
+        err = api_error(decode_body, "application/json", "gzip", gzip.compress(sent), S)
+        assert err.code == "malformed_json" and err.sent == sent
+        record = refused_request("v1", NOW, err, S)
+        assert record is not None and decode_record(record.value)["raw"] == sent.decode()
+
     def test_track_value_and_arkforge(self) -> None:
-        raw = b'{"user_id":"u","metric_name":"m","value":%s}' % self.BIG
-        payload = decode_body("application/json", None, raw, S, big_integers="mark")
-        err = ingest_track(payload, "t", NOW, S).single_error()
-        assert err is not None and (err.code, err.details[0]["field"]) == ("integer_out_of_range", "value")
+        for value, code in ((self.BIG, "integer_out_of_range"), (b"1e999", "non_finite_value")):
+            raw = b'{"user_id":"u","metric_name":"m","value":%s}' % value
+            payload = decode_body("application/json", None, raw, S, big_integers="mark")
+            err = ingest_track(payload, "t", NOW, S).single_error()
+            assert err is not None and (err.code, err.details[0]["field"]) == (code, "value")
         raw = b'[{"event_type":"e","user_id":"u","properties":{"n":%s}},{"event_type":"e","user_id":"u"}]' % self.BIG
         result = ingest_apiv1_batch(decode_body("application/json", None, raw, S, big_integers="mark"), NOW, S)
         assert [r["status"] for r in result.results] == ["rejected", "accepted"]
