@@ -130,10 +130,12 @@ class Settings:
     )
     max_events_per_batch: int = _setting("ABSTREAM_MAX_EVENTS_PER_BATCH", 1000, "Most events in one request: else 413.")
     max_future_skew_s: int = _setting(
-        "ABSTREAM_MAX_FUTURE_SKEW_S", 300, "How far occurred_at may lie in the future (seed rule: 5 minutes)."
+        "ABSTREAM_MAX_FUTURE_SKEW_S",
+        300,
+        "How far occurred_at (and sent_at) may lie in the future (seed rule: 5 minutes).",
     )
     max_event_age_s: int = _setting(
-        "ABSTREAM_MAX_EVENT_AGE_S", 30 * 86400, "How far occurred_at may lie in the past (horizon)."
+        "ABSTREAM_MAX_EVENT_AGE_S", 30 * 86400, "How far occurred_at (and sent_at) may lie in the past (horizon)."
     )
     max_properties_bytes: int = _setting(
         "ABSTREAM_MAX_PROPERTIES_BYTES", 16_384, "Largest serialised properties/context object of one event."
