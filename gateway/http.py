@@ -42,25 +42,21 @@ def mask_id(value: object) -> str:
 async def read_json(request: Request, settings: Settings, *, per_event: bool = False) -> Any:
     """The request body as JSON, refusing oversize bodies before reading them all (413).
 
-    ``per_event``: an ingestion body, whose integers beyond 64 bits are left for each event's validation
-    to reject (see :func:`gateway.ingest.decode_body`) instead of refusing the whole request.
+    ``per_event``: an ingestion body, whose numbers no 64-bit reader keeps (an integer beyond 64 bits, 1e999)
+    are left for each event's validation to reject (see :func:`gateway.ingest.decode_body`) instead of refusing
+    the whole request. A refusal carries the body for its dead letter (``ApiError.sent``).
     """
     try:
         body = await _read_body(request, settings)
     except ClientDisconnect:  # nobody is left to answer: a 400 in the access log, not a 500 and a traceback
         raise ApiError(400, "incomplete_body", "the client closed the connection before the whole body") from None
-    try:
-        return decode_body(
-            request.headers.get("content-type"),
-            request.headers.get("content-encoding"),
-            body,
-            settings,
-            big_integers="mark" if per_event else "refuse",
-        )
-    except ApiError as err:
-        if err.sent is None:  # decode_body sets the decompressed body itself
-            err.sent = body  # for the dead letter of a refused ingestion request (gateway.core.records_refusals)
-        raise
+    return decode_body(
+        request.headers.get("content-type"),
+        request.headers.get("content-encoding"),
+        body,
+        settings,
+        big_integers="mark" if per_event else "refuse",
+    )
 
 
 async def _read_body(request: Request, settings: Settings) -> bytes:

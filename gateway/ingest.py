@@ -198,27 +198,27 @@ def decode_body(
     """Bytes of a request -> JSON value, or ApiError (415/413/400) saying exactly what is wrong.
 
     Check order: Content-Type (415), size as sent (413), Content-Encoding (415), decompression limits
-    (413), gzip integrity (400), JSON (400). NaN/Infinity/1e999 are not JSON: 400 ``non_finite_value``
-    (Python's json.dumps emits them) rather than a generic ``malformed_json``. Routes should refuse a
-    too-large Content-Length before reading the body; the size is checked here again regardless.
+    (413), gzip integrity (400), JSON (400). NaN/Infinity are not JSON: 400 ``non_finite_value`` (Python's
+    json.dumps emits them) rather than a generic ``malformed_json``. Routes should refuse a too-large
+    Content-Length before reading the body; the size is checked here again regardless. A refusal carries
+    ``sent``: the body, decompressed when it could be, for the dead letter of a refused ingestion request.
 
     A number no 64-bit reader keeps as written (an integer outside [-2^63, 2^64-1], or beyond the double range
     like 1e999) is refused as a whole request (400 ``integer_out_of_range`` / ``non_finite_value``, with its
     path) with ``big_integers="refuse"``; with ``"mark"`` (ingestion, where one event must not sink its
     neighbours) it becomes a :class:`~schemas.events.NumberLiteral` for the event's own validation to reject.
     """
-    _media_type(content_type)
-    if len(body) > settings.max_body_bytes:
-        raise ApiError(413, "payload_too_large", f"body is larger than {settings.max_body_bytes} bytes")
-    wbits = _coding(content_encoding)
-    if wbits is not None:
-        body = _decompress(body, wbits, settings)
-        try:
-            return _decode_json(body, big_integers)
-        except ApiError as err:
-            err.sent = body  # the dead letter shows the JSON as the client wrote it, not the gzip bytes
-            raise
-    return _decode_json(body, big_integers)
+    try:
+        _media_type(content_type)
+        if len(body) > settings.max_body_bytes:
+            raise ApiError(413, "payload_too_large", f"body is larger than {settings.max_body_bytes} bytes")
+        wbits = _coding(content_encoding)
+        if wbits is not None:
+            body = _decompress(body, wbits, settings)  # from here on, the dead letter shows JSON, not gzip bytes
+        return _decode_json(body, big_integers)
+    except ApiError as err:
+        err.sent = body
+        raise
 
 
 def _decode_json(body: bytes, big_integers: Literal["refuse", "mark"]) -> Any:

@@ -127,8 +127,7 @@ class Publisher:
             self._topics_checked = False
             self._set_reachable(False)
             raise KafkaUnavailable(f"Kafka did not acknowledge: {type(exc).__name__}: {exc}") from exc
-        if not self._reachable:
-            self._set_reachable(True)
+        self._set_reachable(True)
         return list(metadata) if return_metadata else []
 
     async def _recreate_topics(self) -> None:

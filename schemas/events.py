@@ -360,7 +360,8 @@ class TrackRequest(_Payload):
     user_id: Id
     metric_name: EventName
     value: (
-        Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)] | Annotated[StrictFloat, Field(allow_inf_nan=False)]
+        Annotated[StrictInt, Field(ge=JSON_INT_MIN, le=JSON_INT_MAX)]
+        | Annotated[StrictFloat, Field(allow_inf_nan=False)]
     ) = Field(description="Finite number (NaN/Infinity: 400 non_finite_value; booleans are not numbers).")
     event_id: EventId | None = None
     occurred_at: Timestamp | None = None
