@@ -463,6 +463,12 @@ def test_v1_request_limits_and_envelope_errors(gw: Gateways) -> None:
             ({"anonymous_user_id": "u", "install_id": [], "events": good}, "invalid_install_id", "install_id"),
             ({"anonymous_user_id": "u", "sent_at": "2026-01-01T00:00:00", "events": good}, "naive_sent_at", "sent_at"),
             ({"anonymous_user_id": "u", "sent_at": "soon", "events": good}, "invalid_sent_at", "sent_at"),
+            (
+                {"anonymous_user_id": "u", "sent_at": "9999-12-31T23:59:59Z", "events": good},
+                "sent_at_in_future",
+                "sent_at",
+            ),
+            ({"anonymous_user_id": "u", "sent_at": 0, "events": good}, "sent_at_too_old", "sent_at"),
             ({"anonymous_user_id": "u", "events": []}, "invalid_events", "events"),
             ({"anonymous_user_id": "u"}, "invalid_events", "events"),
             ({"anonymous_user_id": "u", "events": {"0": good[0]}}, "invalid_events", "events"),
