@@ -610,6 +610,21 @@ def openloop_binary() -> tuple[str | None, str]:
     return str(binary), ""
 
 
+@dataclass(frozen=True)
+class LoadSpec:
+    """What a load run offers: ``rate`` requests/s (0: closed loop, as fast as answers come) for ``duration_s``
+    after ``warmup_s``, over ``connections`` (the fixed-rate clients open more, up to ``max_connections``, when
+    none is idle at a request's time)."""
+
+    rate: float
+    duration_s: float
+    warmup_s: float
+    connections: int
+    max_connections: int = 512
+    gzip_bodies: bool = False
+    expect_events: bool = True
+
+
 def run_client(
     url: str,
     pool: Path,
@@ -625,59 +640,37 @@ def run_client(
 ) -> dict[str, Any]:
     """A load process replaying ``pool`` against ``url``: at a fixed ``rate`` the C client when it builds
     (``client="auto"``; ``"c"`` insists on it, ``"python"`` takes the asyncio client), else the asyncio client."""
+    spec = LoadSpec(rate, duration_s, warmup_s, connections, max_connections, gzip_bodies, expect_events)
     if rate > 0 and client != "python":
         binary, why_not = openloop_binary()
         if binary is not None:
-            return _run_openloop(
-                binary, url, pool, rate, duration_s, warmup_s, connections, max_connections, gzip_bodies, expect_events
-            )
+            return _run_openloop(binary, url, pool, spec)
         if client == "c":
             raise RuntimeError(f"the C load client is not available: {why_not}")
         print(f"note: {why_not}; using the asyncio load client (more CPU per request)", file=sys.stderr)
-    argv = [
-        sys.executable,
-        "-m",
-        "abstream.bench.loadgen",
-        url,
-        str(pool),
-        "--rate",
-        str(rate),
-        "--duration",
-        str(duration_s),
-        "--warmup",
-        str(warmup_s),
-        "--connections",
-        str(connections),
-        "--max-connections",
-        str(max_connections),
-    ]
-    if gzip_bodies:
+    return _run_asyncio_client(url, pool, spec)
+
+
+def _run_asyncio_client(url: str, pool: Path, spec: LoadSpec) -> dict[str, Any]:
+    argv = [sys.executable, "-m", "abstream.bench.loadgen", url, str(pool)]
+    argv += ["--rate", str(spec.rate), "--duration", str(spec.duration_s), "--warmup", str(spec.warmup_s)]
+    argv += ["--connections", str(spec.connections), "--max-connections", str(spec.max_connections)]
+    if spec.gzip_bodies:
         argv.append("--gzip")
-    if not expect_events:
+    if not spec.expect_events:
         argv.append("--no-events")
-    out = run_process(argv, timeout=warmup_s + duration_s + 120)
+    out = run_process(argv, timeout=spec.warmup_s + spec.duration_s + 120)
     return dict(orjson.loads(out.strip().splitlines()[-1]))
 
 
-def _run_openloop(
-    binary: str,
-    url: str,
-    pool: Path,
-    rate: float,
-    duration_s: float,
-    warmup_s: float,
-    connections: int,
-    max_connections: int,
-    gzip_bodies: bool,
-    expect_events: bool,
-) -> dict[str, Any]:
-    host, port, requests = http_requests(url, read_pool(pool), gzip_bodies)
+def _run_openloop(binary: str, url: str, pool: Path, spec: LoadSpec) -> dict[str, Any]:
+    host, port, requests = http_requests(url, read_pool(pool), spec.gzip_bodies)
     requests_file = write_pool(pool.with_name(pool.name + ".http"), requests)
     samples_file = pool.with_name(pool.name + ".samples")
-    argv = [binary, host, str(port), str(requests_file), repr(rate), repr(duration_s), repr(warmup_s)]
-    argv += [str(connections), str(max_connections), str(samples_file)]
+    argv = [binary, host, str(port), str(requests_file), repr(spec.rate), repr(spec.duration_s), repr(spec.warmup_s)]
+    argv += [str(spec.connections), str(spec.max_connections), str(samples_file)]
     try:
-        out = orjson.loads(run_process(argv, timeout=warmup_s + duration_s + 120).strip().splitlines()[-1])
+        out = orjson.loads(run_process(argv, timeout=spec.warmup_s + spec.duration_s + 120).strip().splitlines()[-1])
         samples = array.array("d")
         samples.frombytes(samples_file.read_bytes())
     finally:
@@ -687,11 +680,11 @@ def _run_openloop(
     if out["other_status"]:
         statuses[0] = statuses.get(0, 0) + out["other_status"]
     return client_summary(
-        client=f"C open loop, {connections}..{max_connections} connections",
-        rate=rate,
-        duration_s=duration_s,
-        warmup_s=warmup_s,
-        count_events=expect_events,
+        client=f"C open loop, {spec.connections}..{spec.max_connections} connections",
+        rate=spec.rate,
+        duration_s=spec.duration_s,
+        warmup_s=spec.warmup_s,
+        count_events=spec.expect_events,
         latencies=list(samples[0::3]),
         service=list(samples[1::3]),
         lateness=list(samples[2::3]),
