@@ -34,8 +34,9 @@ RETRY_AFTER_S = "2"
 Handler = Callable[[Request], Awaitable[Response]]
 
 MAX_PENDING_DEAD_LETTERS = 1_000
-"""Dead letters of refused requests waiting for Kafka at once, per process; beyond, they are dropped (and counted)
-so that a flood of bad requests while Kafka is slow cannot pile up tasks without bound."""
+"""Background dead-letter publishes (of refused requests, and of requests with nothing accepted) waiting for Kafka at
+once, per process; beyond, their dead letters are dropped (and counted) so that a flood of bad requests while Kafka
+is slow cannot pile up tasks without bound."""
 
 
 def unavailable(reason: str) -> ApiError:
@@ -65,6 +66,7 @@ class GatewayCore:
         self.assignments_topic = settings.topic(TOPIC_ASSIGNMENTS)
         self._dead_letters: set[asyncio.Task[None]] = set()
         self.dead_letters_dropped = 0
+        self._drop_warnings = 0
 
     # ---- shared ---------------------------------------------------------------------------------
 
@@ -101,11 +103,16 @@ class GatewayCore:
     # ---- events ---------------------------------------------------------------------------------
 
     async def ingest(self, result: IngestResult) -> dict[str, Any]:
-        """Publish the accepted events (one record per user) and the dead letters, then answer per event."""
-        messages: list[Message] = [(self.events_topic, r.key, r.value) for r in result.records]
-        messages += [(self.rejected_topic, r.key, r.value) for r in result.rejected_records]
-        if messages:
-            await self.publish(messages)
+        """Publish the accepted events (one record per user) and the dead letters, then answer per event.
+
+        With nothing accepted, the dead letters go in the background, like a refused request's: the answer (all
+        rejected, or the 400 of a single event) does not depend on Kafka, and a 503 would tell the client to
+        retry what can never succeed."""
+        dead_letters: list[Message] = [(self.rejected_topic, r.key, r.value) for r in result.rejected_records]
+        if result.records:
+            await self.publish([(self.events_topic, r.key, r.value) for r in result.records] + dead_letters)
+        elif dead_letters:
+            self._publish_in_background(result.surface, dead_letters)
         result.acknowledge(self.dedup)
         return result.body()
 
@@ -121,23 +128,25 @@ class GatewayCore:
         """Send the dead letter of an ingestion request refused as a whole to ``events.rejected``, in the
         background: the 400/413/415 answer does not wait for Kafka, and a failure is only logged."""
         record = refused_request(surface, self.received_at_ms(), err, self.settings)
-        if record is None:
-            return
+        if record is not None:
+            self._publish_in_background(surface, [(self.rejected_topic, record.key, record.value)])
+
+    def _publish_in_background(self, surface: str, dead_letters: list[Message]) -> None:
         if len(self._dead_letters) >= MAX_PENDING_DEAD_LETTERS:
-            self.dead_letters_dropped += 1
-            if self.dead_letters_dropped % MAX_PENDING_DEAD_LETTERS == 1:
-                dropped = self.dead_letters_dropped
-                log.warning("%d dead letters of refused requests dropped: Kafka is not keeping up", dropped)
+            self.dead_letters_dropped += len(dead_letters)
+            if self.dead_letters_dropped // MAX_PENDING_DEAD_LETTERS > self._drop_warnings:
+                self._drop_warnings = self.dead_letters_dropped // MAX_PENDING_DEAD_LETTERS
+                log.warning("%d dead letters dropped: Kafka is not keeping up", self.dead_letters_dropped)
             return
-        task = asyncio.create_task(self._publish_dead_letter(surface, record.key, record.value))
+        task = asyncio.create_task(self._publish_dead_letters(surface, dead_letters))
         self._dead_letters.add(task)
         task.add_done_callback(self._dead_letters.discard)
 
-    async def _publish_dead_letter(self, surface: str, key: bytes | None, value: bytes) -> None:
+    async def _publish_dead_letters(self, surface: str, dead_letters: list[Message]) -> None:
         try:
-            await self.publisher.publish([(self.rejected_topic, key, value)])
+            await self.publisher.publish(dead_letters)
         except KafkaUnavailable as exc:
-            log.warning("the dead letter of a refused %s request was not published: %s", surface, exc)
+            log.warning("%d dead letters of a %s request were not published: %s", len(dead_letters), surface, exc)
 
     # ---- assignment -----------------------------------------------------------------------------
 
