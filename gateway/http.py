@@ -33,10 +33,19 @@ def error_response(err: ApiError) -> JSONResponse:
 
 
 def mask_id(value: object) -> str:
-    """Log-safe form of a user identifier: a short prefix and the length, never the whole id."""
+    """Log-safe form of a user identifier: the length, and a 4-character prefix only when that is at most a third of
+    the id (enough to tell UUIDs apart in a log, too little to read a short id from it)."""
     if not isinstance(value, str) or not value:
         return "-"
-    return f"{value[:4]}…({len(value)})" if len(value) > 4 else "…"
+    return f"{log_safe(value[:4])}…({len(value)})" if len(value) >= 12 else f"…({len(value)})"
+
+
+def log_safe(text: str, limit: int = 256) -> str:
+    """``text`` as one log line can hold it: control characters escaped (a path with an encoded newline must not
+    forge a log line), cut to ``limit`` characters."""
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 async def read_json(request: Request, settings: Settings, *, per_event: bool = False) -> Any:
@@ -96,7 +105,7 @@ async def http_error_handler(request: Request, exc: Exception) -> Response:
 
 
 async def unhandled_error_handler(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    log.exception("unhandled error on %s %s", request.method, log_safe(request.url.path))
     return error_response(ApiError(500, "internal_error", "internal error; it has been logged"))
 
 
@@ -126,7 +135,7 @@ class AccessLogMiddleware:
             access_log.info(
                 "%s %s %d %.1fms user=%s",
                 scope["method"],
-                scope["path"],
+                log_safe(scope["path"]),
                 status,
                 (time.perf_counter() - start) * 1000,
                 mask_id(user),

@@ -1045,12 +1045,20 @@ def test_admin_token_and_masked_request_logs(infra: Infra) -> None:
             # assignment and tracking are client traffic: no token
             assert c.post(f"{path}/assign", json={"user_id": secret_user}).status_code == 200
             assert c.post("/v1/assignment", json={"anonymous_user_id": secret_user}).status_code == 200
+            short_user = "qz" + uuid.uuid4().hex[:5]  # 7 characters: a 4-character prefix would show most of it
+            assert c.post("/v1/assignment", json={"anonymous_user_id": short_user}).status_code == 200
+            # an encoded newline in the path must not forge a log line
+            forged = "/apiv1/ab-tests/3%0A2026-01-01 INFO abstream.access: POST /v1/events 200 user=FORGED/track"
+            assert c.post(forged, json={}).status_code == 404
     finally:
         gws.close()
     # request logs mask user identifiers (a prefix and the length, never the whole id) and never show the token
     log_text = (log_dir() / f"gateway-{gws.address['ADMIN'].rsplit(':', 1)[1]}.log").read_text()
     assert "POST /v1/assignment 200" in log_text and f"user={secret_user[:4]}" in log_text
     assert secret_user not in log_text and token not in log_text
+    assert short_user[:4] not in log_text and "user=…(7)" in log_text
+    assert "/apiv1/ab-tests/3\\n2026-01-01 INFO" in log_text
+    assert not any(line.startswith("2026-01-01 INFO") for line in log_text.splitlines())
 
 
 # ========================================================== split, stickiness across replicas + restart
