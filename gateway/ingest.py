@@ -43,11 +43,13 @@ share the rule functions with this module (``timestamp_ms``, ``is_valid_name``, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
+import sys
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
@@ -61,6 +63,8 @@ from schemas.events import (
     JSON_INT_MIN,
     KNOWN_NAMES,
     MAX_RECORD_BYTES,
+    METRIC_VALUE_MAX,
+    METRIC_VALUE_MESSAGE,
     NAME_MAX_LENGTH,
     PLATFORMS,
     RECORD_EVENT_KEYS,
@@ -242,7 +246,7 @@ def _decode_json(body: bytes, big_integers: Literal["refuse", "mark"]) -> Any:
     if body.translate(_DIGITS_TO_ZERO).find(_NINETEEN_DIGITS) >= 0:
         exact = _reread_or_none(body)
         # exact == value: the digit run was in a string or a fraction (a C-speed check before the walk)
-        if exact is not None and exact != value and _has_unrepresentable(exact, big_integers):
+        if exact is not None and _differ(exact, value) and _has_unrepresentable(exact, big_integers):
             return exact
     return value
 
@@ -267,25 +271,55 @@ def _not_json(text: str) -> Any:
     raise ValueError(text)  # NaN, Infinity
 
 
+@contextlib.contextmanager
+def _nesting_orjson_reads() -> Iterator[None]:
+    """Python's recursion limit raised for a moment, so that the standard library's JSON reader, writer and
+    comparisons go as deep as orjson reads (1,024 levels) from wherever the route is called. An event nested that
+    deep is then rejected on its own (too deep), not the whole request."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit + _ORJSON_MAX_DEPTH + 64)
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+_ORJSON_MAX_DEPTH = 1024
+
+
+def _differ(exact: Any, value: Any) -> bool:
+    with _nesting_orjson_reads():
+        try:
+            return bool(exact != value)
+        except RecursionError:
+            return True
+
+
 def _reread_or_none(body: bytes, strict: bool = False) -> Any:
     """``body`` read again with the numbers orjson cannot keep as NumberLiteral, or None when it is not JSON.
 
     Only for bodies that may hold such a number. ``strict``: orjson stopped at the number, so it never saw the
     rest; the standard library reads lone surrogates (``"\\ud800"``) that orjson refuses, so the result must
-    also be something orjson writes (else None: the body is refused as malformed, as without the number).
+    also be valid UTF-8 once written (else None: the body is refused as malformed, as without the number).
+    The check writes with the standard library, not orjson: orjson writes only 254 levels.
     """
-    try:
-        exact = json.loads(body, parse_int=_int_literal, parse_float=_float_literal, parse_constant=_not_json)
-    except RecursionError:  # nesting orjson reads (1024) but Python's recursion limit does not
-        raise ApiError(400, "too_deep", "body nests too deep to check its numbers") from None
-    except ValueError:
-        return None
-    if strict:
+    with _nesting_orjson_reads():
         try:
-            _dumps(exact, default=_literal)
-        except orjson.JSONEncodeError:
+            exact = json.loads(body, parse_int=_int_literal, parse_float=_float_literal, parse_constant=_not_json)
+            if strict:
+                json.dumps(exact, ensure_ascii=False, default=_placeholder).encode()
+        except RecursionError:  # deeper than orjson reads: no event of it could be kept anyway
+            raise ApiError(400, "too_deep", f"body nests deeper than {_ORJSON_MAX_DEPTH} levels") from None
+        except ValueError:  # not JSON, or a lone surrogate (UnicodeEncodeError)
             return None
     return exact
+
+
+def _placeholder(value: object) -> int:
+    """json.dumps ``default`` of the surrogate check: a NumberLiteral's text is ASCII digits, any stand-in will do."""
+    if type(value) is NumberLiteral:
+        return 0
+    raise TypeError
 
 
 def _has_unrepresentable(exact: Any, big_integers: Literal["refuse", "mark"]) -> bool:
@@ -540,6 +574,33 @@ def _event_time(value: object, key: str, lim: _Limits, received_at_ms: int, what
     return ms
 
 
+def _corrected(occurred_ms: int, skew_ms: int, key: str, lim: _Limits, received_at_ms: int) -> int:
+    """occurred_at on the server's clock, ``occurred_at + (received_at - sent_at)``, within occurred_at's window.
+
+    Each time is checked on its own first; their combination is checked here. The corrected time is ahead of the
+    receive time exactly when occurred_at is after sent_at on the device's own clock: an event after the send of
+    the batch carrying it, impossible (the same max_future_skew_s of slack applies). Stored, it would sit up to
+    max_event_age_s in the future. Older than max_event_age_s once corrected: too old, as when uncorrected.
+    """
+    corrected = occurred_ms + skew_ms
+    ahead = corrected - received_at_ms  # == occurred_at - sent_at
+    if ahead > lim.future_ms:
+        raise _Reject(
+            "occurred_at_after_sent_at",
+            key,
+            f"is {ahead / 1000:.3f} s after sent_at (the device's clock): an event cannot happen after the batch "
+            f"carrying it was sent; at most {lim.future_ms // 1000} s allowed",
+        )
+    if -ahead > lim.age_ms:
+        raise _Reject(
+            "occurred_at_too_old",
+            key,
+            f"is more than {lim.age_ms // 1000} s before the server's receive time once corrected for the device's "
+            "clock (occurred_at + received_at - sent_at)",
+        )
+    return corrected
+
+
 def _shallow(raw: bytes, depth: int) -> bool:
     """Cheap proof that serialised JSON nests at most ``depth`` levels, without walking the object.
 
@@ -559,11 +620,11 @@ def _json_object(value: object, key: str, lim: _Limits) -> Any:
         try:
             raw = _dumps(value)
         except orjson.JSONEncodeError:  # deeper than orjson writes (254), an integer beyond 64 bits, not JSON
+            if json_too_deep(value, lim.depth):  # first: a number's path 1,000 levels down is no help
+                raise _Reject(f"{key}_too_deep", key, f"nests deeper than {lim.depth} levels") from None
             bad = unrepresentable_number(value)
             if bad is not None:
                 raise _Reject(bad[1], f"{key}.{bad[0]}", bad[2]) from None
-            if json_too_deep(value, lim.depth):
-                raise _Reject(f"{key}_too_deep", key, f"nests deeper than {lim.depth} levels") from None
             raise _Reject(f"invalid_{key}", key, "is not serialisable JSON") from None
         if len(raw) > lim.obj_bytes:
             raise _Reject(f"{key}_too_large", key, f"is {len(raw)} bytes serialised; at most {lim.obj_bytes} allowed")
@@ -890,6 +951,10 @@ def ingest_v1(payload: Any, received_at_ms: int, settings: Settings, dedup: Dedu
                 if occurred_at is None:
                     raise _Reject("missing_occurred_at", "occurred_at", "is required")
                 occurred_ms = _event_time(occurred_at, "occurred_at", lim, received_at_ms)
+            if skew is not None:
+                corrected_ms = occurred_ms + skew
+                if not -age_ms <= corrected_ms - received_at_ms <= future_ms:
+                    _corrected(occurred_ms, skew, "occurred_at", lim, received_at_ms)
             event_id = ev.get("event_id")
             if event_id is not None and (
                 type(event_id) is not str or not 0 < len(event_id) <= id_len or event_id.isspace()
@@ -948,7 +1013,7 @@ def ingest_v1(payload: Any, received_at_ms: int, settings: Settings, dedup: Dedu
         record_event["occurred_at"] = occurred_at
         record_event["occurred_at_ms"] = occurred_ms
         if skew is not None:
-            record_event["corrected_at_ms"] = occurred_ms + skew
+            record_event["corrected_at_ms"] = corrected_ms
         record_event["properties"] = properties
         record_event["context"] = context
         out_events.append(record_event)
@@ -977,6 +1042,9 @@ def _apiv1_event(ev: object, lim: _Limits, received_at_ms: int) -> tuple[str, st
     occurred_ms = received_at_ms if occurred_at is None else _event_time(occurred_at, key, lim, received_at_ms)
     sent_at = ev.get("sent_at")
     skew = None if sent_at is None else _skew(sent_at, lim, received_at_ms)
+    corrected_ms = None
+    if skew is not None and occurred_at is not None:
+        corrected_ms = _corrected(occurred_ms, skew, key, lim, received_at_ms)
     event_id = _optional_id(ev, "event_id", lim)
     properties = _json_object(ev.get("properties"), "properties", lim)
     event = _APIV1_TEMPLATE.copy()
@@ -985,8 +1053,7 @@ def _apiv1_event(ev: object, lim: _Limits, received_at_ms: int) -> tuple[str, st
     event["occurred_at_ms"] = occurred_ms
     event["sent_at"] = sent_at
     event["skew_ms"] = skew
-    if skew is not None and occurred_at is not None:
-        event["corrected_at_ms"] = occurred_ms + skew
+    event["corrected_at_ms"] = corrected_ms
     event["session_id"] = session_id
     event["properties"] = properties
     return user_id, event_id, event  # type: ignore[return-value]
@@ -1067,6 +1134,8 @@ def ingest_track(
         if t is float:
             if not math.isfinite(value):
                 raise _Reject("non_finite_value", "value", "must be a finite number (not NaN or Infinity)")
+            if abs(value) > METRIC_VALUE_MAX:
+                raise _Reject("value_out_of_range", "value", METRIC_VALUE_MESSAGE)
         elif t is NumberLiteral or (t is int and not JSON_INT_MIN <= value <= JSON_INT_MAX):
             _, code, message = unrepresentable_number(value)  # type: ignore[misc]
             raise _Reject(code, "value", message)

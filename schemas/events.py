@@ -157,6 +157,12 @@ INTEGER_RANGE_MESSAGE = (
 
 FLOAT_RANGE_MESSAGE = "is beyond the range of a 64-bit float (about 1.8e308)"
 
+METRIC_VALUE_MAX = 1e150
+"""Largest |value| of a tracked metric. The rollups keep sums of values and of their squares (for variances) as
+Float64: a value past ~1.3e154 squares to infinity, which the warehouse would store as 0. At 1e150 a square is at
+most 1e300, and a hundred million of them still sum to a finite number."""
+METRIC_VALUE_MESSAGE = f"must be at most {METRIC_VALUE_MAX:g} in absolute value (sums of squares must stay finite)"
+
 
 class NumberLiteral:
     """A JSON number no 64-bit reader keeps as written, held as the client wrote it: an integer outside
@@ -328,7 +334,9 @@ class V1EventsRequest(_Payload):
         description=(
             "Device clock when the batch was sent. With it the server records skew_ms = received_at - sent_at "
             "and corrected_at_ms = occurred_at + skew_ms for every event (device clock correction). The same "
-            "window as occurred_at applies (400 sent_at_in_future / sent_at_too_old)."
+            "window as occurred_at applies (400 sent_at_in_future / sent_at_too_old), and to each corrected time: "
+            "an event whose occurred_at is more than 300 s after sent_at is rejected (occurred_at_after_sent_at), "
+            "one older than the horizon once corrected too (occurred_at_too_old)."
         ),
     )
     events: list[V1Event] = Field(min_length=1, max_length=DEFAULT_MAX_EVENTS_PER_BATCH)
@@ -361,8 +369,11 @@ class TrackRequest(_Payload):
     metric_name: EventName
     value: (
         Annotated[StrictInt, Field(ge=JSON_INT_MIN, le=JSON_INT_MAX)]
-        | Annotated[StrictFloat, Field(allow_inf_nan=False)]
-    ) = Field(description="Finite number (NaN/Infinity: 400 non_finite_value; booleans are not numbers).")
+        | Annotated[StrictFloat, Field(allow_inf_nan=False, ge=-METRIC_VALUE_MAX, le=METRIC_VALUE_MAX)]
+    ) = Field(
+        description="Finite number (NaN/Infinity: 400 non_finite_value; booleans are not numbers), at most 1e150 "
+        "in absolute value (400 value_out_of_range: the rollups sum squares of values)."
+    )
     event_id: EventId | None = None
     occurred_at: Timestamp | None = None
     timestamp: Timestamp | None = None
@@ -416,7 +427,10 @@ class RecordEvent(BaseModel):
     occurred_at_ms: int = Field(description="Parsed occurred_at, UTC epoch ms; received_at_ms when absent.")
     sent_at: str | int | None = Field(description="Exactly as posted, or null.")
     skew_ms: int | None = Field(description="received_at_ms - sent_at (ms), or null without sent_at.")
-    corrected_at_ms: int | None = Field(description="occurred_at_ms + skew_ms, or null without sent_at.")
+    corrected_at_ms: int | None = Field(
+        description="occurred_at_ms + skew_ms; null without sent_at, or on /apiv1 without a client occurred_at "
+        "(the receive time stands in for it and needs no correction)."
+    )
     session_id: str | None
     platform: str | None
     app_version: str | None
@@ -489,6 +503,8 @@ __all__ = [
     "RECORD_VERSION",
     "INTEGER_RANGE_MESSAGE",
     "JSON_INT_MAX",
+    "METRIC_VALUE_MAX",
+    "METRIC_VALUE_MESSAGE",
     "JSON_INT_MIN",
     "AcceptedResult",
     "ApiV1Event",

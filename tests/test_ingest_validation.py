@@ -301,7 +301,8 @@ class TestV1Envelope:
         (a device clock reading 9999-12-31 once put events in year 0000, which no Date column holds)."""
         future, age = S.max_future_skew_s * 1000, S.max_event_age_s * 1000
         for ok in (NOW + future, NOW - age, iso(NOW + future)):
-            assert ingest_v1(v1(sent_at=ok), NOW, S).accepted == 1
+            sent_ms = ok if type(ok) is int else NOW + future
+            assert ingest_v1(v1(ev(occurred_at=sent_ms), sent_at=ok), NOW, S).accepted == 1
         for bad, code in (
             (NOW + future + 1, "sent_at_in_future"),
             ("9999-12-31T23:59:59Z", "sent_at_in_future"),
@@ -314,6 +315,40 @@ class TestV1Envelope:
         assert [(r["status"], r.get("code"), r.get("field")) for r in result.results] == [
             ("rejected", "sent_at_in_future", "0.sent_at"),
             ("accepted", None, None),
+        ]
+
+    def test_corrected_time_window(self) -> None:
+        """Each time within its window is not enough: occurred_at + (received_at - sent_at) must be too. Ahead of
+        the receive time means an event after the send of its batch (device clock); stored, it sat ~30 days in
+        the future. Per event: the batch's other events stand."""
+        future, age = S.max_future_skew_s * 1000, S.max_event_age_s * 1000
+        sent = NOW - 29 * 86_400_000  # a device clock 29 days slow: corrected times move 29 days later
+        cases = [
+            (sent + future, None),  # 300 s after sent_at: corrected to exactly 300 s ahead, the boundary
+            (sent + future + 1, "occurred_at_after_sent_at"),
+            (iso(sent + future + 1000), "occurred_at_after_sent_at"),
+            (sent - 1000, None),
+        ]
+        result = ingest_v1(v1(*(ev(occurred_at=t) for t, _ in cases), sent_at=sent), NOW, S)
+        assert [(r.get("code"), r.get("field")) for r in result.results] == [
+            (code, f"events.{i}.occurred_at" if code else None) for i, (_, code) in enumerate(cases)
+        ]
+        stored = orjson.loads(result.records[0].value)["events"]
+        assert [e["corrected_at_ms"] for e in stored] == [NOW + future, NOW - 1000]
+        # a device clock 290 s fast: an occurred_at at the age limit is older than it once corrected
+        sent = NOW + 290_000
+        old_ok, old_bad = NOW - age + 290_000, NOW - age + 289_999
+        result = ingest_v1(v1(ev(occurred_at=old_ok), ev(occurred_at=old_bad), sent_at=sent), NOW, S)
+        assert [r.get("code") for r in result.results] == [None, "occurred_at_too_old"]
+        # ArkForge: sent_at per event; the timestamp alias names its field
+        rows = ingest_apiv1_batch(
+            [ark(occurred_at=NOW, sent_at=NOW - 3_600_000), ark(timestamp=NOW - 3_600_000, sent_at=NOW - 3_600_000)],
+            NOW,
+            S,
+        ).results
+        assert [(r.get("code"), r.get("field")) for r in rows] == [
+            ("occurred_at_after_sent_at", "0.occurred_at"),
+            (None, None),
         ]
 
     def test_unknown_fields_are_ignored(self) -> None:
@@ -850,7 +885,7 @@ class TestTrack:
         assert event["occurred_at_ms"] == NOW
         EventRecord.model_validate(record)
 
-    @pytest.mark.parametrize("value", [0, -3, 1.5, 2**63, -(2**63), 1e308])
+    @pytest.mark.parametrize("value", [0, -3, 1.5, 2**63, 2**64 - 1, -(2**63), 1e150, -1e150])
     def test_finite_numbers(self, value: float) -> None:
         result = ingest_track({"user_id": "u", "metric_name": "m", "value": value}, "t", NOW, S)
         assert only_event(result)["value"] == value
@@ -861,6 +896,9 @@ class TestTrack:
             (float("nan"), "non_finite_value"),
             (float("inf"), "non_finite_value"),
             (float("-inf"), "non_finite_value"),
+            (1.0000000000000002e150, "value_out_of_range"),  # the next double after 1e150
+            (-1.0000000000000002e150, "value_out_of_range"),
+            (1e308, "value_out_of_range"),
             (True, "invalid_value"),
             ("1.0", "invalid_value"),
             ([1], "invalid_value"),
@@ -1002,6 +1040,19 @@ class TestBigIntegers:
             err = api_error(decode_body, "application/json", None, body, S, big_integers="mark")
             assert err.status == 400 and err.code in ("malformed_json", "non_finite_value")  # whichever comes first
 
+    @pytest.mark.parametrize("depth", [253, 300, 1000])
+    @pytest.mark.parametrize("number", [b"1e999", b"123456789012345678901234567890"])
+    def test_deeply_nested_numbers_are_per_event_too(self, depth: int, number: bytes) -> None:
+        """orjson writes 254 levels and Python's recursion limit is ~1,000, orjson reads 1,024: the re-read must not
+        turn a deep number into a refusal of the whole request (it did, as "NaN and Infinity are not JSON")."""
+        deep = b"[" * depth + number + b"]" * depth
+        body = self.body(b'{"n":1}', b'{"a":%s}' % deep)
+        result = ingest_v1(decode_body("application/json", None, body, S, big_integers="mark"), NOW, S)
+        assert [(r["status"], r.get("code"), r.get("field")) for r in result.results] == [
+            ("accepted", None, None),
+            ("rejected", "properties_too_deep", "events.1.properties"),
+        ]
+
     def test_a_refused_gzip_body_is_dead_lettered_as_json(self) -> None:
         sent = b'{"anonymous_user_id":"gz","events":[ broken'
         err = api_error(decode_body, "application/json", "gzip", gzip.compress(sent), S)
@@ -1069,7 +1120,7 @@ class TestModelsMatchCore:
         ApiV1Event.model_validate(ark())
         ApiV1EventBatch.model_validate([ark(), ark(timestamp=NOW)])
         TrackRequest.model_validate({"user_id": "u", "metric_name": "m", "value": 1.5})
-        for bad in (float("nan"), float("inf"), True, "1", [1]):
+        for bad in (float("nan"), float("inf"), True, "1", [1], 1.0000000000000002e150, -1e151):
             with pytest.raises(ValidationError):
                 TrackRequest.model_validate({"user_id": "u", "metric_name": "m", "value": bad})
             assert ingest_track({"user_id": "u", "metric_name": "m", "value": bad}, "t", NOW, S).single_error()
