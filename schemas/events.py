@@ -3,7 +3,7 @@
 Client surfaces (request bodies; the gateway's OpenAPI is generated from these models):
 
 * Calicritters ``POST /v1/events`` -> :class:`V1EventsRequest` (top-level client context plus ``events[]``).
-* ArkForge ``POST /apiv1/events`` -> :class:`ApiV1Event`; ``POST /apiv1/events/batch`` -> :data:`ApiV1EventBatch`
+* ArkForge ``POST /apiv1/events`` -> :class:`ApiV1Event`; ``POST /apiv1/events/batch`` -> :class:`ApiV1EventBatch`
   (a JSON array of those).
 * ArkForge ``POST /apiv1/ab-tests/{test_id}/track`` -> :class:`TrackRequest`.
 * Answer of every ingestion endpoint -> :class:`IngestResponse` (per-event results; one bad event never
@@ -358,8 +358,10 @@ class ApiV1Event(_Payload):
     sent_at: Timestamp | None = Field(default=None, description="Device clock at sending, as in /v1/events.")
 
 
-ApiV1EventBatch = RootModel[Annotated[list[ApiV1Event], Field(min_length=1, max_length=DEFAULT_MAX_EVENTS_PER_BATCH)]]
-"""``POST /apiv1/events/batch``: a JSON array of :class:`ApiV1Event`."""
+class ApiV1EventBatch(
+    RootModel[Annotated[list[ApiV1Event], Field(min_length=1, max_length=DEFAULT_MAX_EVENTS_PER_BATCH)]]
+):
+    """`POST /apiv1/events/batch`: a JSON array of ArkForge events (`ApiV1Event`), 1 to 1000 of them."""
 
 
 class TrackRequest(_Payload):
