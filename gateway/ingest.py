@@ -271,6 +271,9 @@ def _not_json(text: str) -> Any:
     raise ValueError(text)  # NaN, Infinity
 
 
+_ORJSON_MAX_DEPTH = 1024
+
+
 @contextlib.contextmanager
 def _nesting_orjson_reads() -> Iterator[None]:
     """Python's recursion limit raised for a moment, so that the standard library's JSON reader, writer and
@@ -282,9 +285,6 @@ def _nesting_orjson_reads() -> Iterator[None]:
         yield
     finally:
         sys.setrecursionlimit(limit)
-
-
-_ORJSON_MAX_DEPTH = 1024
 
 
 def _differ(exact: Any, value: Any) -> bool:
