@@ -361,7 +361,8 @@ class ApiV1Event(_Payload):
 class ApiV1EventBatch(
     RootModel[Annotated[list[ApiV1Event], Field(min_length=1, max_length=DEFAULT_MAX_EVENTS_PER_BATCH)]]
 ):
-    """`POST /apiv1/events/batch`: a JSON array of ArkForge events (`ApiV1Event`), 1 to 1000 of them."""
+    """`POST /apiv1/events/batch`: a non-empty JSON array of ArkForge events (`ApiV1Event`), at most
+    ABSTREAM_MAX_EVENTS_PER_BATCH of them (1000 by default)."""
 
 
 class TrackRequest(_Payload):
@@ -373,8 +374,8 @@ class TrackRequest(_Payload):
         Annotated[StrictInt, Field(ge=JSON_INT_MIN, le=JSON_INT_MAX)]
         | Annotated[StrictFloat, Field(allow_inf_nan=False, ge=-METRIC_VALUE_MAX, le=METRIC_VALUE_MAX)]
     ) = Field(
-        description="Finite number (NaN/Infinity: 400 non_finite_value; booleans are not numbers), at most 1e150 "
-        "in absolute value (400 value_out_of_range: the rollups sum squares of values)."
+        description="Finite number (NaN/Infinity: 400 non_finite_value; booleans are not numbers), at most "
+        f"{METRIC_VALUE_MAX:g} in absolute value (400 value_out_of_range: the rollups sum squares of values)."
     )
     event_id: EventId | None = None
     occurred_at: Timestamp | None = None
