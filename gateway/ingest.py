@@ -1141,6 +1141,8 @@ def ingest_track(
             raise _Reject(code, "value", message)
         elif t is not int:
             raise _Reject("invalid_value", "value", "must be a number")
+        elif abs(value) > METRIC_VALUE_MAX:
+            raise _Reject("value_out_of_range", "value", METRIC_VALUE_MESSAGE)
         occurred_at, key = payload.get("occurred_at"), "occurred_at"
         if occurred_at is None:
             occurred_at, key = payload.get("timestamp"), "timestamp"

@@ -157,11 +157,14 @@ INTEGER_RANGE_MESSAGE = (
 
 FLOAT_RANGE_MESSAGE = "is beyond the range of a 64-bit float (about 1.8e308)"
 
-METRIC_VALUE_MAX = 1e150
-"""Largest |value| of a tracked metric. The rollups keep sums of values and of their squares (for variances) as
-Float64: a value past ~1.3e154 squares to infinity, which the warehouse would store as 0. At 1e150 a square is at
-most 1e300, and a hundred million of them still sum to a finite number."""
-METRIC_VALUE_MESSAGE = f"must be at most {METRIC_VALUE_MAX:g} in absolute value (sums of squares must stay finite)"
+METRIC_VALUE_MAX = 2**53
+"""Largest |value| of a tracked metric, integer or not: 2^53 = 9,007,199,254,740,992, up to which a double holds
+every integer exactly. The rollups keep each user's daily sum and its square as Float64; with values this size, a
+user would need ~1e138 observations in a day before a square overflowed to infinity (which the warehouse stores as
+0). A cap of 1e150 per value did not hold per user: ~13,400 values of 1e150 in a day overflowed."""
+METRIC_VALUE_MESSAGE = (
+    f"must be at most 2^53 ({METRIC_VALUE_MAX}) in absolute value: the rollups keep sums of squares as Float64"
+)
 
 
 class NumberLiteral:
@@ -371,11 +374,11 @@ class TrackRequest(_Payload):
     user_id: Id
     metric_name: EventName
     value: (
-        Annotated[StrictInt, Field(ge=JSON_INT_MIN, le=JSON_INT_MAX)]
+        Annotated[StrictInt, Field(ge=-METRIC_VALUE_MAX, le=METRIC_VALUE_MAX)]
         | Annotated[StrictFloat, Field(allow_inf_nan=False, ge=-METRIC_VALUE_MAX, le=METRIC_VALUE_MAX)]
     ) = Field(
-        description="Finite number (NaN/Infinity: 400 non_finite_value; booleans are not numbers), at most "
-        f"{METRIC_VALUE_MAX:g} in absolute value (400 value_out_of_range: the rollups sum squares of values)."
+        description="Finite number (NaN/Infinity: 400 non_finite_value; booleans are not numbers), at most 2^53 "
+        f"({METRIC_VALUE_MAX}) in absolute value (400 value_out_of_range: the rollups sum squares of values)."
     )
     event_id: EventId | None = None
     occurred_at: Timestamp | None = None
