@@ -1134,14 +1134,12 @@ def ingest_track(
         if t is float:
             if not math.isfinite(value):
                 raise _Reject("non_finite_value", "value", "must be a finite number (not NaN or Infinity)")
-            if abs(value) > METRIC_VALUE_MAX:
-                raise _Reject("value_out_of_range", "value", METRIC_VALUE_MESSAGE)
         elif t is NumberLiteral or (t is int and not JSON_INT_MIN <= value <= JSON_INT_MAX):
             _, code, message = unrepresentable_number(value)  # type: ignore[misc]
             raise _Reject(code, "value", message)
         elif t is not int:
             raise _Reject("invalid_value", "value", "must be a number")
-        elif abs(value) > METRIC_VALUE_MAX:
+        if abs(value) > METRIC_VALUE_MAX:  # a finite float or a 64-bit integer by now
             raise _Reject("value_out_of_range", "value", METRIC_VALUE_MESSAGE)
         occurred_at, key = payload.get("occurred_at"), "occurred_at"
         if occurred_at is None:
