@@ -298,6 +298,8 @@ def test_integers_beyond_64_bits_are_refused_not_rounded(gw: Gateways) -> None:
                 event(b"over", b'{"n":18446744073709551616}'),
                 event(b"nested", b'{"a":[{"b":%s}]}' % big),
                 event(b"inf", b'{"x":1e999}'),
+                # deeper than orjson writes (254): once refused the whole request as "NaN and Infinity"
+                event(b"deep", b'{"a":%s1e999%s}' % (b"[" * 300, b"]" * 300)),
             ]
         ),
     )
@@ -322,6 +324,7 @@ def test_integers_beyond_64_bits_are_refused_not_rounded(gw: Gateways) -> None:
             ("integer_out_of_range", "events.1.properties.n"),
             ("integer_out_of_range", "events.2.properties.a.0.b"),
             ("non_finite_value", "events.3.properties.x"),
+            ("properties_too_deep", "events.4.properties"),
         ]
     check_error(track, 400, "integer_out_of_range", {"value": "integer_out_of_range"})
     check_error(assignment, 400, "integer_out_of_range", {"attributes.n": "integer_out_of_range"})
