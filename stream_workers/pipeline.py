@@ -191,7 +191,7 @@ class Pipeline:
             contrib = contribution(user, self.funnels)
             part.contrib[user_id] = contrib
             part.totals.add(contrib)
-        part.totals.dirty = set(part.totals.values)  # rewrite every total once: converge after any crash
+        part.totals.dirty = part.totals.keys()  # rewrite every total once: converge after any crash
         log.info(
             "partition %d rebuilt from ClickHouse in %.2fs: %d users, %d events; resuming at events %d, assignments %d",
             partition, time.perf_counter() - t0, len(part.users), len(rows), part.events_next, part.assignments_next,

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from schemas.events import METRIC_VALUE_MAX
 from schemas.experiments import Funnel
 
 MS_PER_DAY = 86_400_000
@@ -133,6 +134,8 @@ class UserState:
                 if ev.metric_experiment_id != exp_id:
                     continue
                 amount = ev.value or 0.0
+                if not -METRIC_VALUE_MAX <= amount <= METRIC_VALUE_MAX:  # also NaN: only a record that bypassed
+                    amount = 0.0  # the gateway holds one; counted as an event, its value is no number a sum keeps
             else:
                 amount = 1.0
             akey = (exp_id, variant_id, ev.event_name, day)
@@ -215,36 +218,82 @@ def contribution(user: UserState, funnels: Funnels) -> dict[Key, Stats]:
     return out
 
 
+_UNIT_EXP = 1074
+_UNIT = 1 << _UNIT_EXP
+"""Float components of the totals are kept as integers in units of 2^-1074, the smallest positive double:
+every finite double is a whole number of these units, so adding and subtracting them is exact."""
+
+
+def _units(x: float) -> int:
+    numerator, denominator = x.as_integer_ratio()  # the denominator is a power of two, at most 2^1074
+    return numerator << (_UNIT_EXP + 1 - denominator.bit_length())
+
+
 class Totals:
-    """Per-partition totals of every rollup key, maintained by replacing users' contributions."""
+    """Per-partition totals of every rollup key, maintained by replacing users' contributions.
+
+    Exact, whatever the order of the replacements: float components (a metric's sum_x and sum_x2) are
+    accumulated as whole units of 2^-1074 and rounded to a float only when read. In floats, a small user's
+    square next to a huge one is absorbed and lost for good once the huge one is subtracted (9e15 tracked
+    then -9e15, next to another user's 5: sum_x2 0 instead of 25); ``abstream verify``, which sums the final
+    contributions from scratch, would then disagree forever.
+    """
 
     def __init__(self) -> None:
-        self.values: dict[Key, Stats] = {}
+        self._exact: dict[Key, list[int]] = {}
+        self._float_fields: dict[Key, tuple[int, ...]] = {}
         self.dirty: set[Key] = set()
 
     def replace(self, old: Mapping[Key, Stats], new: Mapping[Key, Stats]) -> None:
         for key, stats in old.items():
             if new.get(key) == stats:
                 continue
-            cur = self.values[key]
-            for i, v in enumerate(stats):
-                cur[i] -= v
+            cur = self._exact[key]
+            if key in self._float_fields:
+                for i, v in enumerate(stats):
+                    cur[i] -= v if type(v) is int else _units(v)
+            else:
+                for i, v in enumerate(stats):
+                    cur[i] -= v
             self.dirty.add(key)
         for key, stats in new.items():
             prev = old.get(key)
             if prev == stats:
                 continue
-            cur = self.values.get(key)
+            cur = self._exact.get(key)
             if cur is None:
-                cur = self.values[key] = [0] * len(stats)
-            for i, v in enumerate(stats):
-                cur[i] += v
+                cur = self._exact[key] = [0] * len(stats)
+                floats = tuple(i for i, v in enumerate(stats) if type(v) is not int)
+                if floats:
+                    self._float_fields[key] = floats
+            if key in self._float_fields:
+                for i, v in enumerate(stats):
+                    cur[i] += v if type(v) is int else _units(v)
+            else:
+                for i, v in enumerate(stats):
+                    cur[i] += v
             self.dirty.add(key)
 
     def add(self, contrib: Mapping[Key, Stats]) -> None:
         self.replace({}, contrib)
 
+    def keys(self) -> set[Key]:
+        return set(self._exact)
+
+    def get(self, key: Key) -> Stats | None:
+        """The key's totals, float components correctly rounded from their exact sums; None if never seen."""
+        cur = self._exact.get(key)
+        if cur is None:
+            return None
+        out: Stats = list(cur)
+        for i in self._float_fields.get(key, ()):
+            out[i] = cur[i] / _UNIT  # int / int: correctly rounded
+        return out
+
+    def items(self) -> list[tuple[Key, Stats]]:
+        return [(key, self.get(key) or []) for key in self._exact]
+
     def take_dirty(self) -> list[tuple[Key, Stats]]:
-        rows = [(key, list(self.values.get(key, ()))) for key in self.dirty]
+        rows = [(key, self.get(key) or []) for key in self.dirty]
         self.dirty = set()
         return rows

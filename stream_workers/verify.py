@@ -67,7 +67,7 @@ def expected_totals(settings: Settings) -> dict[Key, Stats]:
     totals = Totals()
     for user in users.values():
         totals.add(contribution(user, funnels))
-    return {k: v for k, v in totals.values.items() if any(v)}
+    return {k: v for k, v in totals.items() if any(v)}
 
 
 def actual_totals(settings: Settings) -> dict[Key, Stats]:
