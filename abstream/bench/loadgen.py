@@ -753,13 +753,18 @@ def client_summary(
     return out
 
 
+def py_spy_path() -> str:
+    """py-spy on PATH, else beside this interpreter (the project's venv, where ``pip install py-spy`` puts it)."""
+    return shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+
+
 @contextlib.contextmanager
 def py_spy(pid: int, path: str | None, duration_s: float) -> Iterator[None]:
     """Record a flame graph (``.svg``) or collapsed stacks (``.txt``) of ``pid`` while the block runs."""
     if not path:
         yield
         return
-    exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    exe = py_spy_path()
     if not Path(exe).exists():
         print("py-spy is not installed (.venv/bin/pip install py-spy); no profile recorded", file=sys.stderr)
         yield

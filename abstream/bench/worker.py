@@ -30,6 +30,7 @@ import httpx
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from abstream.bench import loadgen
 from abstream.clickhouse import client as ch_client
 from abstream.config import TOPIC_ASSIGNMENTS, TOPIC_EVENTS, Settings
 from abstream.devstack.ports import free_port, port_open
@@ -157,8 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             fmt = "raw" if args.profile.endswith(".txt") else "flamegraph"
             spy = subprocess.Popen(
-                ["py-spy", "record", "-o", args.profile, "--format", fmt, "--pid", str(worker.proc.pid), "-d", "20"]
-            )
+                [loadgen.py_spy_path(), "record", "-o", args.profile, "--format", fmt, "--pid", str(worker.proc.pid),
+                 "-d", "20"]
+            )  # fmt: skip
             stack.callback(spy.wait)
         client = ch_client(settings)
         while True:
