@@ -80,6 +80,9 @@ HEALTH_ENDPOINTS = [
 ]
 
 
+DEAD_LETTER_DRAIN_S = 3.0
+"""At shutdown, how long dead letters still on their way get before the producer stops."""
+
 GC_THRESHOLDS = (5_000, 10, 10)
 """The gateway's garbage-collector thresholds (Python's default is 700, 10, 10). Measured under
 ``abstream bench ingest`` (2-core box): with the defaults, every in-flight /v1/events request kept a few hundred
@@ -125,6 +128,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             yield
         finally:
             settle_gc.cancel()
+            await app.state.core.drain_dead_letters(DEAD_LETTER_DRAIN_S)
             await registry.stop()
             await publisher.stop()
 

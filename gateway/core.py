@@ -33,6 +33,9 @@ RETRY_AFTER_S = "2"
 
 Handler = Callable[[Request], Awaitable[Response]]
 
+DEAD_LETTER_GIVE_UP_S = 600
+"""How long a dead letter published in the background keeps being retried through a broker outage."""
+
 MAX_PENDING_DEAD_LETTERS = 1_000
 """Background dead-letter publishes (of refused requests, and of requests with nothing accepted) waiting for Kafka at
 once, per process; beyond, their dead letters are dropped (and counted) so that a flood of bad requests while Kafka
@@ -143,10 +146,18 @@ class GatewayCore:
         task.add_done_callback(self._dead_letters.discard)
 
     async def _publish_dead_letters(self, surface: str, dead_letters: list[Message]) -> None:
-        try:
-            await self.publisher.publish(dead_letters)
-        except KafkaUnavailable as exc:
-            log.warning("%d dead letters of a %s request were not published: %s", len(dead_letters), surface, exc)
+        lost = await self.publisher.deliver(dead_letters, DEAD_LETTER_GIVE_UP_S)
+        if lost:
+            self.dead_letters_dropped += lost
+            log.warning(
+                "%d dead letters of a %s request dropped: Kafka did not take them within %d s",
+                lost, surface, DEAD_LETTER_GIVE_UP_S,
+            )  # fmt: skip
+
+    async def drain_dead_letters(self, timeout_s: float) -> None:
+        """At shutdown: a moment for the dead letters still on their way (a broker outage may hold them)."""
+        if self._dead_letters:
+            await asyncio.wait(list(self._dead_letters), timeout=timeout_s)
 
     # ---- assignment -----------------------------------------------------------------------------
 

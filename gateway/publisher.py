@@ -130,6 +130,43 @@ class Publisher:
         self._set_reachable(True)
         return list(metadata) if return_metadata else []
 
+    async def deliver(self, messages: Sequence[Message], give_up_s: float) -> int:
+        """Background delivery of what no client waits for (dead letters), through a broker outage: a message
+        is sent again, after a backoff, only once Kafka said it failed (never while it may still land), until
+        every message is acknowledged or ``give_up_s`` passed. Returns how many were not delivered."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + give_up_s
+        pending = list(messages)
+        delay = 0.5
+        while True:
+            pending = await self._attempt(pending)
+            if not pending:
+                return 0
+            if loop.time() + delay > deadline:
+                return len(pending)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    async def _attempt(self, messages: list[Message]) -> list[Message]:
+        """Send each message once and wait for its outcome; the ones Kafka did not take."""
+        producer = self._producer
+        if producer is None:
+            return messages
+        futures: list[asyncio.Future[RecordMetadata]] = []
+        try:
+            # aiokafka fails a send after request_timeout_ms (the produce timeout); the bound is only a backstop
+            async with asyncio.timeout(3 * self.settings.kafka_produce_timeout_s + 5):
+                if not self._topics_checked:
+                    await self._recreate_topics()
+                for topic, key, value in messages:
+                    futures.append(await producer.send(topic, value, key=key))
+        except (TimeoutError, KafkaError, OSError) as exc:
+            self._topics_checked = False
+            log.debug("dead letters not sent yet: %s", exc)
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        failed = [m for m, outcome in zip(messages, outcomes, strict=False) if isinstance(outcome, BaseException)]
+        return failed + messages[len(futures) :]
+
     async def _recreate_topics(self) -> None:
         """Once after a failure (concurrent publishes wait for the first one): create the topics that are missing."""
         async with self._topics_lock:

@@ -953,9 +953,10 @@ def test_broker_outage_503_then_resumes_without_restart(infra: Infra, tmp_path: 
             check_unavailable(post(c, "/apiv1/ab-tests/3/track", {"user_id": user, "metric_name": "m", "value": 1}))
             # nothing to accept: the answer does not wait for Kafka (a 503 would ask for a retry that cannot succeed)
             started = time.monotonic()
-            resp = post(c, "/apiv1/events", {"event_type": "bad name", "user_id": unique("outage-bad")})
+            bad_users = [unique("outage-bad"), unique("outage-bad")]
+            resp = post(c, "/apiv1/events", {"event_type": "bad name", "user_id": bad_users[0]})
             assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_event_type", resp.text
-            resp = post(c, "/v1/events", {"anonymous_user_id": unique("outage-bad"), "events": [{"event_name": "!"}]})
+            resp = post(c, "/v1/events", {"anonymous_user_id": bad_users[1], "events": [{"event_name": "!"}]})
             assert resp.status_code == 200 and (resp.json()["accepted"], resp.json()["rejected"]) == (0, 1)
             assert time.monotonic() - started < settings.kafka_produce_timeout_s
             check_unavailable(c.post("/v1/assignment", json={"anonymous_user_id": user}))
@@ -991,6 +992,9 @@ def test_broker_outage_503_then_resumes_without_restart(infra: Infra, tmp_path: 
             assert ids.count("after-outage-2") == 1 and "after-outage" in ids
             dead = rejected_of(settings, user, 1)
             assert dead[0].value["code"] == "invalid_event_name"
+            # the dead letters of the outage's all-rejected requests were kept and sent once Kafka was back
+            for bad_user, code in zip(bad_users, ("invalid_event_type", "invalid_event_name"), strict=True):
+                assert [r.value["code"] for r in rejected_of(settings, bad_user, 1)] == [code]
             n = len(assign.json()["assignments"])
             recs = read_topic(settings, "assignments", lambda rs: len([r for r in rs if r.key == user]) >= n, 10)
             assert len([r for r in recs if r.key == user]) == n
