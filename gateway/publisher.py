@@ -24,7 +24,7 @@ import logging
 from collections.abc import Sequence
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaConnectionError, KafkaError, RequestTimedOutError
 from aiokafka.structs import RecordMetadata
 
 from abstream.config import Settings
@@ -36,6 +36,11 @@ Message = tuple[str, bytes | None, bytes]  # (topic, key, value)
 
 TOPIC_CHECK_INTERVAL_S = 1.0
 BROKER_CHECK_TIMEOUT_S = 2.0
+
+
+_MAYBE_WRITTEN = (RequestTimedOutError, KafkaConnectionError)
+"""Failures after the produce request reached the broker: the record may have been written (a frozen broker writes
+it when it resumes), so it is not sent again. Without idempotence (tansu) a resend would write it twice."""
 
 
 class KafkaUnavailable(Exception):
@@ -132,8 +137,9 @@ class Publisher:
 
     async def deliver(self, messages: Sequence[Message], give_up_s: float) -> int:
         """Background delivery of what no client waits for (dead letters), through a broker outage: a message
-        is sent again, after a backoff, only once Kafka said it failed (never while it may still land), until
-        every message is acknowledged or ``give_up_s`` passed. Returns how many were not delivered."""
+        is sent again, after a backoff, only when it surely was not written (never while it may still land, nor
+        after a request the broker got but did not answer: ``_MAYBE_WRITTEN``), until every message is
+        acknowledged or ``give_up_s`` passed. Returns how many were given up."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + give_up_s
         pending = list(messages)
@@ -164,7 +170,12 @@ class Publisher:
             self._topics_checked = False
             log.debug("dead letters not sent yet: %s", exc)
         outcomes = await asyncio.gather(*futures, return_exceptions=True)
-        failed = [m for m, outcome in zip(messages, outcomes, strict=False) if isinstance(outcome, BaseException)]
+        failed = []
+        for message, outcome in zip(messages, outcomes, strict=False):
+            if isinstance(outcome, _MAYBE_WRITTEN):
+                log.warning("a dead letter to %s may be lost: the broker did not answer (%r)", message[0], outcome)
+            elif isinstance(outcome, BaseException):
+                failed.append(message)
         return failed + messages[len(futures) :]
 
     async def _recreate_topics(self) -> None:
