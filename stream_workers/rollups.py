@@ -246,33 +246,26 @@ class Totals:
 
     def replace(self, old: Mapping[Key, Stats], new: Mapping[Key, Stats]) -> None:
         for key, stats in old.items():
-            if new.get(key) == stats:
-                continue
-            cur = self._exact[key]
-            if key in self._float_fields:
-                for i, v in enumerate(stats):
-                    cur[i] -= v if type(v) is int else _units(v)
-            else:
-                for i, v in enumerate(stats):
-                    cur[i] -= v
-            self.dirty.add(key)
+            if new.get(key) != stats:
+                self._accumulate(key, stats, -1)
         for key, stats in new.items():
-            prev = old.get(key)
-            if prev == stats:
-                continue
-            cur = self._exact.get(key)
-            if cur is None:
-                cur = self._exact[key] = [0] * len(stats)
-                floats = tuple(i for i, v in enumerate(stats) if type(v) is not int)
-                if floats:
-                    self._float_fields[key] = floats
-            if key in self._float_fields:
-                for i, v in enumerate(stats):
-                    cur[i] += v if type(v) is int else _units(v)
-            else:
-                for i, v in enumerate(stats):
-                    cur[i] += v
-            self.dirty.add(key)
+            if old.get(key) != stats:
+                self._accumulate(key, stats, 1)
+
+    def _accumulate(self, key: Key, stats: Stats, sign: int) -> None:
+        cur = self._exact.get(key) if sign > 0 else self._exact[key]  # a contribution taken out was added first
+        if cur is None:
+            cur = self._exact[key] = [0] * len(stats)
+            floats = tuple(i for i, v in enumerate(stats) if type(v) is not int)
+            if floats:
+                self._float_fields[key] = floats
+        if key in self._float_fields:
+            for i, v in enumerate(stats):
+                cur[i] += sign * (v if type(v) is int else _units(v))
+        else:
+            for i, v in enumerate(stats):
+                cur[i] += sign * v
+        self.dirty.add(key)
 
     def add(self, contrib: Mapping[Key, Stats]) -> None:
         self.replace({}, contrib)
@@ -282,18 +275,19 @@ class Totals:
 
     def get(self, key: Key) -> Stats | None:
         """The key's totals, float components correctly rounded from their exact sums; None if never seen."""
-        cur = self._exact.get(key)
-        if cur is None:
-            return None
+        return self._rounded(key) if key in self._exact else None
+
+    def _rounded(self, key: Key) -> Stats:
+        cur = self._exact[key]
         out: Stats = list(cur)
         for i in self._float_fields.get(key, ()):
             out[i] = cur[i] / _UNIT  # int / int: correctly rounded
         return out
 
     def items(self) -> list[tuple[Key, Stats]]:
-        return [(key, self.get(key) or []) for key in self._exact]
+        return [(key, self._rounded(key)) for key in self._exact]
 
     def take_dirty(self) -> list[tuple[Key, Stats]]:
-        rows = [(key, self.get(key) or []) for key in self.dirty]
+        rows = [(key, self._rounded(key)) for key in self.dirty]
         self.dirty = set()
         return rows
