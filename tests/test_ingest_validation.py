@@ -24,7 +24,6 @@ from gateway.ingest import (
     DedupCache,
     IngestResult,
     decode_body,
-    dedup_key,
     ingest_apiv1_batch,
     ingest_apiv1_one,
     ingest_track,
@@ -674,11 +673,17 @@ class TestRecords:
         with pytest.raises(ValueError):
             decode_record(b"garbage")
 
-    def test_dedup_keys_are_unambiguous_strings(self) -> None:
-        """Strings (no GC container per remembered id) that still tell ("ab", "c") from ("a", "bc")."""
-        assert dedup_key("ab", "c") != dedup_key("a", "bc")
-        assert dedup_key("1:a", "b") != dedup_key("1", ":ab")
-        assert isinstance(dedup_key("u", "e"), str)
+    def test_dedup_is_scoped_by_user_unambiguously(self) -> None:
+        """Ids are kept per user: ("ab", "c") is not ("a", "bc"), nor the same id of another user."""
+        cache = DedupCache(10)
+        cache.remember("ab", ["c"])
+        cache.remember("1:a", ["b"])
+        assert cache.seen("ab", "c") and cache.seen("1:a", "b")
+        assert not cache.seen("a", "bc") and not cache.seen("1", ":ab") and not cache.seen("other", "c")
+        cache.remember("solo", ["abc"])  # one id is kept as the string itself: no substring matches
+        assert cache.seen("solo", "abc") and not cache.seen("solo", "b") and not cache.seen("solo", "")
+        cache.remember("solo", ["d"])
+        assert cache.seen("solo", "abc") and cache.seen("solo", "d") and len(cache) == 4
 
     def test_large_user_batch_is_split(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(ingest_mod, "MAX_RECORD_BYTES", 2000)
@@ -690,7 +695,8 @@ class TestRecords:
         assert seen == [f"e{i}" for i in range(20)]
         assert all(len(r.value) <= 2000 for r in result.records)
         user = "550e8400-e29b-41d4-a716-446655440000"
-        assert [k for r in result.records for k in r.dedup_keys] == [dedup_key(user, e) for e in seen]
+        assert [i for r in result.records for i in r.client_event_ids] == seen
+        assert {r.user_id for r in result.records} == {user}
         assert [i for r in result.records for i in r.event_ids] == seen
 
 
@@ -714,7 +720,7 @@ class TestDuplicates:
         assert retry.duplicates == 0 and retry.records[0].event_ids == ("a", "b")
         retry.acknowledge(cache)
         assert retry.body()["accepted"] == 2
-        assert len(cache) == 2 and cache.seen(dedup_key("550e8400-e29b-41d4-a716-446655440000", "a"))
+        assert len(cache) == 2 and cache.seen("550e8400-e29b-41d4-a716-446655440000", "a")
         # a second retry (lost answer) is all duplicates: nothing to publish, answered accepted
         again = ingest_v1(v1(ev(event_id="a"), ev(event_id="b"), ev(event_id="c")), NOW, S, cache)
         assert (again.accepted, again.duplicates) == (3, 2)
@@ -728,7 +734,8 @@ class TestDuplicates:
         result = ingest_apiv1_batch(
             [{"event_type": "e", "user_id": u, "event_id": "same"} for u in ("u1", "u2")], NOW, S, cache
         )
-        cache.remember(result.records[0].dedup_keys)  # only u1's record was acknowledged
+        acked = result.records[0]  # only u1's record was acknowledged
+        cache.remember(acked.user_id, acked.client_event_ids)
         retry = ingest_apiv1_batch(
             [{"event_type": "e", "user_id": u, "event_id": "same"} for u in ("u1", "u2")], NOW, S, cache
         )
@@ -749,20 +756,23 @@ class TestDuplicates:
 
     def test_cache_is_bounded(self) -> None:
         cache = DedupCache(4)  # two generations of 2
-        cache.remember([("u", "1"), ("u", "2")])  # fills the young generation: it becomes the old one
-        cache.remember([("u", "3")])
-        assert len(cache) == 3 and all(cache.seen(("u", k)) for k in "123")
-        cache.remember([("u", "4"), ("u", "5")])  # rotates again: 1 and 2 are forgotten
-        assert [cache.seen(("u", k)) for k in "12345"] == [False, False, True, True, True]
+        cache.remember("u", ["1", "2"])  # fills the young generation: it becomes the old one
+        cache.remember("v", ["3"])
+        assert len(cache) == 3 and cache.seen("u", "1") and cache.seen("u", "2") and cache.seen("v", "3")
+        cache.remember("u", ["4", "5"])  # rotates again: 1 and 2 are forgotten
+        assert [cache.seen("u", k) for k in "12345"] == [False, False, False, True, True]
+        assert cache.seen("v", "3")
         assert len(cache) <= cache.capacity
         for i in range(1000):
-            cache.remember([("u", str(i))])
-            assert len(cache) <= cache.capacity and cache.seen(("u", str(i)))
-            assert i == 0 or cache.seen(("u", str(i - 1)))  # at least capacity // 2 most recent are known
+            cache.remember(f"user{i % 7}", [str(i)])
+            assert len(cache) <= cache.capacity and cache.seen(f"user{i % 7}", str(i))
+            assert i == 0 or cache.seen(f"user{(i - 1) % 7}", str(i - 1))  # the last capacity // 2 are known
+        cache.remember("u", [])
+        assert len(cache) <= cache.capacity
         assert DedupCache.from_settings(S).capacity == S.dedup_cache_size
         off = DedupCache(0)
-        off.remember([("u", "1")])
-        assert not off.seen(("u", "1")) and len(off) == 0
+        off.remember("u", ["1"])
+        assert not off.seen("u", "1") and len(off) == 0
 
 
 # --------------------------------------------------------------------------------------------- ArkForge
