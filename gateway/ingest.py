@@ -609,10 +609,11 @@ def _shallow(raw: bytes, depth: int) -> bool:
     """Cheap proof that serialised JSON nests at most ``depth`` levels, without walking the object.
 
     Nesting depth <= the number of ``{`` and ``[`` bytes (those inside strings only add to the count).
-    No ``{`` after the first byte and no ``[`` at all: a flat object, the common case (memchr, ~60 ns;
-    bytes.count is ~3x slower).
+    The only ``{`` is the first byte and no ``[`` at all: a flat object, the common case (~65 ns for 100
+    bytes, written as ``rfind`` and ``in``: ``find(123, 1)`` takes ~2x as long for its argument parsing, two
+    ``bytes.count`` ~3x).
     """
-    return (raw.find(123, 1) < 0 and raw.find(91) < 0) or raw.count(123) + raw.count(91) <= depth
+    return (raw.rfind(123) == 0 and 91 not in raw) or raw.count(123) + raw.count(91) <= depth
 
 
 def _json_object(value: object, key: str, lim: _Limits) -> Any:
@@ -971,7 +972,7 @@ def ingest_v1(payload: Any, received_at_ms: int, settings: Settings, dedup: Dedu
                 try:
                     raw = dumps(value)
                     if len(raw) <= obj_bytes and (
-                        raw.find(123, 1) < 0 and raw.find(91) < 0 or raw.count(123) + raw.count(91) <= depth
+                        raw.rfind(123) == 0 and 91 not in raw or raw.count(123) + raw.count(91) <= depth
                     ):
                         properties = fragment(raw)
                 except orjson.JSONEncodeError:
@@ -984,7 +985,7 @@ def ingest_v1(payload: Any, received_at_ms: int, settings: Settings, dedup: Dedu
                 try:
                     raw = dumps(value)
                     if len(raw) <= obj_bytes and (
-                        raw.find(123, 1) < 0 and raw.find(91) < 0 or raw.count(123) + raw.count(91) <= depth
+                        raw.rfind(123) == 0 and 91 not in raw or raw.count(123) + raw.count(91) <= depth
                     ):
                         context = fragment(raw)
                 except orjson.JSONEncodeError:

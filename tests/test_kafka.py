@@ -1,4 +1,5 @@
-"""Producer settings: the compression setting, the zstd level we give aiokafka, and a real round trip per codec."""
+"""Producer settings: the compression setting, the zstd level we give aiokafka, a real round trip per codec, and
+the gateway's publish deadline."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from abstream.bench import loadgen
 from abstream.config import KAFKA_COMPRESSIONS, Settings
 from abstream.kafka import CODEC_LEVELS, ZstdEncoder, producer_settings
+from gateway.publisher import Deadline
 
 
 def test_unknown_compression_is_refused_naming_the_variable() -> None:
@@ -102,3 +104,42 @@ def test_each_codec_round_trips_through_the_broker(settings: Settings, name: str
         return got
 
     assert asyncio.run(run()) == values
+
+
+# ------------------------------------------------------------------ the gateway's publish deadline
+
+
+def test_deadline_raises_timeout_error_and_leaves_the_task_uncancelled() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(TimeoutError):
+            async with Deadline(loop, 0.05):
+                await asyncio.sleep(10)
+        assert 0.04 <= loop.time() - start < 1.0
+        task = asyncio.current_task()
+        assert task is not None and task.cancelling() == 0
+        async with Deadline(loop, 0.05):  # finished in time: nothing fires later
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.1)
+
+    asyncio.run(main())
+
+
+def test_deadline_lets_other_cancellations_through() -> None:
+    async def blocked(delay: float, entered: asyncio.Event) -> None:
+        async with Deadline(asyncio.get_running_loop(), delay):
+            entered.set()
+            await asyncio.sleep(10)
+
+    async def main() -> None:
+        for delay in (5.0, 0.0):  # cancelled from outside before the deadline, and at the same time as it fires
+            entered = asyncio.Event()
+            task = asyncio.create_task(blocked(delay, entered))
+            await entered.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert task.cancelled()
+
+    asyncio.run(main())
