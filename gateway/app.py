@@ -90,7 +90,7 @@ containers alive across its Kafka await (the parsed body, one result dict per ev
 they survived into the old generations and set off ~2-3 full collections per second, 20-60 ms each (~20 % of
 the gateway's CPU, and its p99). Since then the start-up heap is frozen (:func:`_tune_gc`), the parsed body is
 freed before the await, and results are strings until the answer is serialised (``gateway/ingest.py``; the dedup
-cache keeps one set per user and request, or the lone id string itself): at ~700 requests/s per process a young
+cache keeps one set of ids per user, or a lone id as the string itself): at ~700 requests/s per process a young
 collection now runs about once in 5 s, so the threshold hardly matters any more (5,000 and 20,000 measured the
 same within the box's noise)."""
 
