@@ -89,7 +89,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return 2
 
 
-BENCHMARKS = ("ingest", "assign", "bucketing", "validation", "worker")
+def cmd_results(args: argparse.Namespace) -> int:
+    from abstream.results_view import run
+    from gateway.results import parse_level
+    from schemas.errors import ApiError
+
+    try:
+        level = parse_level(args.level)
+    except ApiError as exc:
+        print(f"abstream results: {exc.message}", file=sys.stderr)
+        return 2
+    return run(_settings(args), args.experiment, level, args.metric, args.json)
+
+
+BENCHMARKS = ("ingest", "assign", "bucketing", "validation", "worker", "results")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -170,6 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = add(
+        "results",
+        cmd_results,
+        "An experiment's results from the rollups: per metric and variant, lift with its interval drawn, "
+        "p-values (raw and Holm), chance to win, CUPED; SRM warning and data freshness at the top.",
+    )
+    p.add_argument("experiment", help="experiment id or key")
+    p.add_argument("--json", action="store_true", help="print exactly the API's JSON body instead of the table")
+    p.add_argument("--level", default="0.95", help="confidence level: 0.90, 0.95 or 0.99 (default 0.95)")
+    p.add_argument("--metric", help="only this metric (its key)")
+
+    p = add(
         "bench",
         cmd_bench,
         "Run a benchmark and print its figures (ingest, assign: a private broker + gateway under load; "
@@ -182,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-ONE_SHOT = ("migrate", "verify")
+ONE_SHOT = ("migrate", "verify", "results")
 """Commands that run once and exit (not services)."""
 
 

@@ -14,7 +14,7 @@ from gateway.endpoints import Endpoint
 from gateway.http import JSONResponse, note_user, read_json
 from gateway.ingest import ingest_apiv1_batch, ingest_apiv1_one, ingest_track
 from gateway.publisher import KafkaUnavailable
-from gateway.results import experiment_results
+from gateway.results import experiment_results, parse_level
 from schemas.errors import ApiError, ErrorResponse, validation_failed
 from schemas.events import ApiV1Event, ApiV1EventBatch, IngestResponse, TrackRequest
 from schemas.experiments import ABAssignRequest, ABAssignResponse, ABTestCreate, ABTestOut
@@ -125,8 +125,10 @@ async def edit_test(request: Request) -> Response:
 
 async def get_results(request: Request) -> Response:
     core = _core(request)
-    experiment = core.experiment(request.path_params["test_id"])
-    return JSONResponse(await experiment_results(core.settings, experiment))
+    experiment = core.experiment_by_ref(request.path_params["test_id"])
+    level = parse_level(request.query_params.get("level"))
+    metric = request.query_params.get("metric") or None
+    return JSONResponse(await experiment_results(core.rollups, experiment, level, metric))
 
 
 ERRORS = {400: ErrorResponse, 413: ErrorResponse, 415: ErrorResponse, 503: ErrorResponse}

@@ -132,6 +132,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await app.state.core.drain_dead_letters(DEAD_LETTER_DRAIN_S)
             await registry.stop()
             await publisher.stop()
+            await app.state.core.rollups.close()
 
     routes = [Route(ep.path, ep.handler, methods=[ep.method]) for ep in (*ENDPOINTS, *HEALTH_ENDPOINTS)]
     routes.append(Route("/openapi.json", openapi, methods=["GET"]))

@@ -24,6 +24,7 @@ from gateway.assignment import ab_assign_response, assign, decide, record_for
 from gateway.ingest import DedupCache, IngestResult, refused_request
 from gateway.publisher import KafkaUnavailable, Message, Publisher
 from gateway.registry import Registry
+from gateway.results import RollupReader
 from schemas.errors import ApiError, validation_failed
 from schemas.experiments import ABAssignRequest, AssignmentRequest, Experiment
 
@@ -64,6 +65,7 @@ class GatewayCore:
         self.publisher = publisher
         self.registry = registry
         self.dedup = DedupCache.from_settings(settings)
+        self.rollups = RollupReader(settings)
         self.events_topic = settings.topic(TOPIC_EVENTS)
         self.rejected_topic = settings.topic(TOPIC_REJECTED)
         self.assignments_topic = settings.topic(TOPIC_ASSIGNMENTS)
@@ -97,6 +99,14 @@ class GatewayCore:
         experiment = self.registry.state.by_id(experiment_id)
         if experiment is None:
             raise ApiError(404, "test_not_found", f"no test with id {experiment_id}")
+        return experiment
+
+    def experiment_by_ref(self, ref: str) -> Experiment:
+        """An experiment by ArkForge id or by key (tests.json experiments are known by key): 404 when unknown."""
+        self.require_registry()
+        experiment = self.registry.state.by_key(ref)
+        if experiment is None:
+            return self.experiment(ref)
         return experiment
 
     @staticmethod

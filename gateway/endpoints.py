@@ -25,3 +25,7 @@ class Endpoint:
     """status -> model/type of the body (None: no schema)."""
     admin: bool = False
     description: str = ""
+    query: tuple[dict[str, Any], ...] = ()
+    """OpenAPI parameter objects of the query string."""
+    path_schemas: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Schema of a path parameter when it is not an integer id."""

@@ -42,9 +42,10 @@ def build_openapi(endpoints: Iterable[Endpoint], version: str) -> dict[str, Any]
         if ep.description:
             op["description"] = ep.description
         params = [
-            {"name": name, "in": "path", "required": True, "schema": {"type": "integer"}}
+            {"name": name, "in": "path", "required": True, "schema": ep.path_schemas.get(name, {"type": "integer"})}
             for name in _PARAM.findall(ep.path)
         ]
+        params += list(ep.query)
         if ep.request is not None:
             params.append(_CONTENT_ENCODING)
             schema = _request_schema_of(ep.request, components)

@@ -38,7 +38,17 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from abstream.config import Settings
+from schemas.analysis import (
+    DEFAULT_CUPED_LOOKBACK_DAYS,
+    MAX_CUPED_LOOKBACK_DAYS,
+    MAX_METRICS,
+    ExperimentRules,
+    MetricDefinition,
+    check_metrics,
+    rules_of,
+)
 from schemas.errors import field_path
+from schemas.names import EVENT_NAME_PATTERN, KEY_PATTERN, SEED_PATTERN, EventName, Key  # noqa: F401 (re-exported)
 
 # --------------------------------------------------------------------------------------------------
 # Limits and patterns (shared with gateway/assignment.py and the JSON Schema)
@@ -46,13 +56,6 @@ from schemas.errors import field_path
 
 BUCKETS = 10_000
 """Every experiment's hash space: variants own contiguous ranges of 0..BUCKETS-1."""
-
-KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
-"""Experiment, variant and funnel keys: no ':' so the hash input ``seed:key:user`` stays unambiguous."""
-
-SEED_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
-EVENT_NAME_PATTERN = r"^[A-Za-z$][A-Za-z0-9_.:$-]{0,127}$"
-"""Funnel steps: the same rule as ``schemas.events.NAME_PATTERN`` (a test keeps them equal)."""
 
 EXPERIMENT_ID_MAX = 2**32 - 1
 VARIANT_ID_MAX = 2**32 - 1
@@ -64,8 +67,6 @@ ABSOLUTE_MAX_ID_LENGTH = 1024
 Platform = Literal["ios", "android"]
 Surface = Literal["v1", "apiv1"]
 
-Key = Annotated[str, StringConstraints(pattern=KEY_PATTERN)]
-EventName = Annotated[str, StringConstraints(pattern=EVENT_NAME_PATTERN)]
 JsonObject = dict[str, Any]
 
 
@@ -290,6 +291,9 @@ class Variant(_Strict):
     config_overrides: JsonObject = Field(
         default_factory=dict, description="Deep-merged over the experiment's baseline_config for this variant."
     )
+    control: bool = Field(
+        default=False, description="The control that results compare against; absent on all: the first variant."
+    )
 
     @property
     def variant_id(self) -> int:
@@ -323,6 +327,37 @@ class Experiment(_Strict):
         default_factory=dict, description="Config everyone gets while the experiment is RUNNING or PAUSED."
     )
     variants: list[Variant] = Field(min_length=2, max_length=MAX_VARIANTS)
+    metrics: list[MetricDefinition] | None = Field(
+        default=None,
+        max_length=MAX_METRICS,
+        description="Metrics the results analyse; absent: every event as a proportion and a count, every tracked "
+        "metric as a sum (docs/statistics.md).",
+    )
+    exposure_event: EventName | None = Field(
+        default=None,
+        description="Exposure rule: absent, a user is exposed at their first assignment; set, at their first event "
+        "of this name after it. Results count only events from the exposure on.",
+    )
+    cuped_lookback_days: int = Field(
+        default=DEFAULT_CUPED_LOOKBACK_DAYS,
+        ge=0,
+        le=MAX_CUPED_LOOKBACK_DAYS,
+        description="CUPED covariate: each metric's value over this many whole UTC days before the exposure day "
+        "(0: no CUPED).",
+    )
+    sequential_testing: bool = Field(
+        default=False, description="Also report always-valid (sequential) intervals and p-values: safe to peek."
+    )
+
+    @property
+    def control(self) -> Variant:
+        """The variant results compare against: the one marked ``control``, else the first."""
+        return next((v for v in self.variants if v.control), self.variants[0])
+
+    @property
+    def rules(self) -> ExperimentRules:
+        """What the stream workers' cumulative rollups need of this experiment."""
+        return rules_of(self.metrics, self.cuped_lookback_days, self.exposure_event)
 
     @model_validator(mode="after")
     def _consistent(self) -> Experiment:
@@ -391,6 +426,11 @@ class Experiment(_Strict):
                         self.variants[i].weight,
                     )
                 )
+        if sum(v.control for v in self.variants) > 1:
+            errors.append(_error(("variants",), "multiple_controls", "at most one variant may be the control", None))
+        errors.extend(
+            _error(("metrics", *loc), code, message, None) for loc, code, message in check_metrics(self.metrics or [])
+        )
         _raise("Experiment", errors)
         return self
 
@@ -547,6 +587,7 @@ class ABVariantCreate(BaseModel):
     variant_name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
     description: Annotated[str, StringConstraints(max_length=2000)] | None = None
     weight: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    control: bool = Field(default=False, description="The control results compare against (default: the first).")
 
 
 class ABTestCreate(BaseModel):
@@ -557,6 +598,10 @@ class ABTestCreate(BaseModel):
     test_name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
     description: Annotated[str, StringConstraints(max_length=2000)] | None = None
     variants: list[ABVariantCreate] = Field(min_length=2, max_length=MAX_VARIANTS)
+    metrics: list[MetricDefinition] | None = Field(default=None, max_length=MAX_METRICS)
+    exposure_event: EventName | None = None
+    cuped_lookback_days: int = Field(default=DEFAULT_CUPED_LOOKBACK_DAYS, ge=0, le=MAX_CUPED_LOOKBACK_DAYS)
+    sequential_testing: bool = False
 
     @model_validator(mode="after")
     def _distinct_names(self) -> ABTestCreate:
@@ -601,9 +646,14 @@ class ABTestCreate(BaseModel):
                     name=v.variant_name,
                     description=v.description or "",
                     weight=v.weight,
+                    control=v.control,
                 )
                 for i, v in enumerate(self.variants)
             ],
+            metrics=self.metrics,
+            exposure_event=self.exposure_event,
+            cuped_lookback_days=self.cuped_lookback_days,
+            sequential_testing=self.sequential_testing,
         )
 
 
@@ -617,6 +667,7 @@ class ABVariantOut(BaseModel):
     weight: float = Field(description="Normalised share (weights of a test sum to 1).")
     created_at: datetime | None
     key: str
+    is_control: bool = Field(description="The variant results compare against.")
 
 
 class ABTestOut(BaseModel):
@@ -630,6 +681,10 @@ class ABTestOut(BaseModel):
     key: str
     phase: int = Field(description="Current phase: a new phase (new hash seed) re-randomises users.")
     variants: list[ABVariantOut]
+    metrics: list[MetricDefinition] | None = Field(description="Metrics results analyse; null: the default set.")
+    exposure_event: str | None
+    cuped_lookback_days: int
+    sequential_testing: bool
 
     @classmethod
     def from_experiment(cls, experiment: Experiment) -> ABTestOut:
@@ -652,9 +707,14 @@ class ABTestOut(BaseModel):
                     weight=v.weight / total,
                     created_at=created,
                     key=v.key,
+                    is_control=v is experiment.control,
                 )
                 for v in experiment.variants
             ],
+            metrics=experiment.metrics,
+            exposure_event=experiment.exposure_event,
+            cuped_lookback_days=experiment.cuped_lookback_days,
+            sequential_testing=experiment.sequential_testing,
         )
 
 

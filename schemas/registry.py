@@ -13,6 +13,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from schemas.analysis import MetricDefinition
 from schemas.experiments import Experiment, Status, Targeting
 
 
@@ -50,6 +51,7 @@ class VariantEdit(BaseModel):
     description: str | None = None
     weight: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     config_overrides: dict[str, Any] | None = None
+    control: bool | None = None
 
 
 class ExperimentEdit(BaseModel):
@@ -74,16 +76,23 @@ class ExperimentEdit(BaseModel):
     variants: list[VariantEdit] | None = Field(default=None, min_length=2)
     new_phase: bool = False
     hash_seed: str | None = None
+    metrics: list[MetricDefinition] | None = None
+    exposure_event: str | None = None
+    cuped_lookback_days: int | None = None
+    sequential_testing: bool | None = None
 
     def apply(self, current: Experiment, now: datetime) -> Experiment:
         """The edited experiment (validated); ids of variants kept by key, new variants get fresh ids."""
         data = current.model_dump(mode="python")
-        for name in ("name", "description", "status", "start_at", "end_at", "coverage", "baseline_config"):
+        for name in ("name", "description", "status", "start_at", "end_at", "coverage", "baseline_config",
+                     "exposure_event", "cuped_lookback_days", "sequential_testing"):  # fmt: skip
             value = getattr(self, name)
             if value is not None:
                 data[name] = value
         if self.targeting is not None:
             data["targeting"] = self.targeting.model_dump(mode="python")
+        if self.metrics is not None:
+            data["metrics"] = [m.model_dump(mode="python") for m in self.metrics]
         if self.variants is not None:
             by_key = {v["key"]: v for v in data["variants"]}
             next_id = max((v["id"] for v in data["variants"]), default=current.id * 1000) + 1
@@ -92,7 +101,7 @@ class ExperimentEdit(BaseModel):
                 base = dict(by_key.get(edit.key) or {"key": edit.key, "id": None, "name": edit.key})
                 if base["id"] is None:
                     base["id"], next_id = next_id, next_id + 1
-                for name in ("name", "description", "weight", "config_overrides"):
+                for name in ("name", "description", "weight", "config_overrides", "control"):
                     value = getattr(edit, name)
                     if value is not None:
                         base[name] = value

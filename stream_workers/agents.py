@@ -230,6 +230,8 @@ def build(settings: Settings) -> faust.App:
 
     @app.timer(interval=settings.worker_flush_interval_s)
     async def flush() -> None:
+        if positioned.is_set():
+            await pipeline.refresh_rules()
         await pipeline.flush()
         await rejected.flush()
         await registry.flush()

@@ -44,6 +44,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from faust.types import TP
 
 from abstream.config import TOPIC_ASSIGNMENTS, TOPIC_EVENTS, Settings
+from schemas.analysis import DEFAULT_RULES, ExperimentRules
 from schemas.events import decode_record
 from schemas.experiments import load_manifest
 from stream_workers.checkpoints import CHECKPOINT_COLUMNS, checkpoint_row, record_digest
@@ -58,6 +59,7 @@ from stream_workers.rollups import (
     UserState,
     contribution,
 )
+from stream_workers.rules import RULES_REFRESH_S, RULES_SQL, rules_from_registry
 from stream_workers.sink import ASSIGNMENT_COLUMNS, EVENT_LOG_COLUMNS, ClickHouseWriter
 
 log = logging.getLogger(__name__)
@@ -107,7 +109,11 @@ class Pipeline:
         self.events_topic = settings.topic(TOPIC_EVENTS)
         self.assignments_topic = settings.topic(TOPIC_ASSIGNMENTS)
         self.partitions: dict[int, PartitionState] = {}
-        self.funnels = Funnels(load_manifest(settings.manifest_path).funnels)
+        manifest = load_manifest(settings.manifest_path)
+        self.funnels = Funnels(manifest.funnels)
+        self.manifest_experiments = manifest.experiments
+        self.rules: dict[int, ExperimentRules] = rules_from_registry((), manifest.experiments)
+        self._rules_read_at = 0.0
         self.table = app.Table("user_assignments", default=dict, partitions=settings.kafka_partitions)
         self.flush_lock = asyncio.Lock()
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
@@ -157,9 +163,31 @@ class Pipeline:
             if tp.topic == self.events_topic:
                 await self.state_for(tp.partition)
 
+    async def refresh_rules(self, force: bool = False) -> None:
+        """Re-read each experiment's analysis rules from the registry table (every RULES_REFRESH_S); the users
+        of an experiment whose rules changed are re-contributed, so the rollups follow an edit."""
+        if not force and time.monotonic() - self._rules_read_at < RULES_REFRESH_S:
+            return
+        self._rules_read_at = time.monotonic()
+        rules = rules_from_registry(await self.writer.query(RULES_SQL), self.manifest_experiments)
+        changed = {k for k in rules.keys() | self.rules.keys() if rules.get(k) != self.rules.get(k)}
+        self.rules = rules
+        if not changed:
+            return
+        log.info("analysis rules changed for experiments %s: re-contributing their users", sorted(changed))
+        for part in self.partitions.values():
+            for user_id, user in part.users.items():
+                if not changed.isdisjoint(user.assignments):
+                    self._recontribute(part, user_id, user)
+
+    def rules_for(self, experiment_id: int) -> ExperimentRules:
+        return self.rules.get(experiment_id, DEFAULT_RULES)
+
     async def rebuild(self, partition: int) -> PartitionState:
         """Read this partition's state back from ClickHouse (see the module docstring)."""
         t0 = time.perf_counter()
+        if not self.partitions:
+            await self.refresh_rules(force=True)
         part = PartitionState(partition)
         q = self.writer.query
         params = {"p": partition}
@@ -188,7 +216,7 @@ class Pipeline:
             if recv_ms >= now_ms - self.dedup_window_ms:
                 part.seen[(user_id, event_id)] = recv_ms
         for user_id, user in part.users.items():
-            contrib = contribution(user, self.funnels)
+            contrib = contribution(user, self.funnels, self.rules)
             part.contrib[user_id] = contrib
             part.totals.add(contrib)
         part.totals.dirty = part.totals.keys()  # rewrite every total once: converge after any crash
@@ -362,7 +390,7 @@ class Pipeline:
         self._recontribute(part, user_id, user)
 
     def _recontribute(self, part: PartitionState, user_id: str, user: UserState) -> None:
-        new = contribution(user, self.funnels)
+        new = contribution(user, self.funnels, self.rules)
         part.totals.replace(part.contrib.get(user_id, {}), new)
         part.contrib[user_id] = new
 
@@ -392,7 +420,7 @@ class Pipeline:
             return None
         batch: dict[str, Any] = {
             "t0": time.perf_counter(), "event_rows": [], "assignment_rows": [], "acks": [],
-            "rollups": {"m": [], "e": [], "f": [], "d": []}, "watermark": None,
+            "rollups": {k: [] for k in ROLLUP_TABLES}, "watermark": None,
             "partitions": sorted(p.partition for p in parts), "checkpoints": [],
         }  # fmt: skip
         for p in parts:
@@ -416,10 +444,8 @@ class Pipeline:
         rollups = batch["rollups"]
         await w.insert("event_logs", batch["event_rows"], EVENT_LOG_COLUMNS)
         await w.insert("assignments", batch["assignment_rows"], ASSIGNMENT_COLUMNS)
-        await w.insert("experiment_metric_rollups_by_partition", rollups["m"], METRIC_COLUMNS)
-        await w.insert("experiment_exposures_by_partition", rollups["e"], EXPOSURE_COLUMNS)
-        await w.insert("funnel_rollups_by_partition", rollups["f"], FUNNEL_COLUMNS)
-        await w.insert("daily_metric_rollups_by_partition", rollups["d"], DAILY_COLUMNS)
+        for kind, (table, columns) in ROLLUP_TABLES.items():
+            await w.insert(table, rollups[kind], columns)
         # the checkpoint goes last: if this dies before it, a restart replays and deduplicates
         await w.insert("stream_checkpoints", batch["checkpoints"], CHECKPOINT_COLUMNS)
         for stream, event in batch["acks"]:
@@ -462,6 +488,22 @@ FUNNEL_COLUMNS = ["funnel_key", "experiment_id", "variant_id", "step", "step_nam
                   "version"]  # fmt: skip
 DAILY_COLUMNS = ["day", "event_name", "platform", "app_version", "kafka_partition", "events", "unique_users",
                  "version"]  # fmt: skip
+EXPOSED_COLUMNS = ["experiment_id", "phase", "variant_id", "kafka_partition", "users", "version"]
+SOURCE_COLUMNS = ["experiment_id", "phase", "variant_id", "source", "name", "kafka_partition", "users_with_metric",
+                  "event_count", "sum_x", "sum_x2", "users_with_pre", "sum_y", "sum_y2", "sum_xy", "users_with_both",
+                  "version"]  # fmt: skip
+RATIO_COLUMNS = ["experiment_id", "phase", "variant_id", "metric", "kafka_partition", "sum_x", "sum_x2", "sum_y",
+                 "sum_y2", "sum_xy", "version"]  # fmt: skip
+ROLLUP_TABLES = {
+    "m": ("experiment_metric_rollups_by_partition", METRIC_COLUMNS),
+    "e": ("experiment_exposures_by_partition", EXPOSURE_COLUMNS),
+    "f": ("funnel_rollups_by_partition", FUNNEL_COLUMNS),
+    "d": ("daily_metric_rollups_by_partition", DAILY_COLUMNS),
+    "x": ("experiment_exposed_by_partition", EXPOSED_COLUMNS),
+    "c": ("experiment_source_rollups_by_partition", SOURCE_COLUMNS),
+    "r": ("experiment_ratio_rollups_by_partition", RATIO_COLUMNS),
+}
+"""Rollup key kind (stream_workers.rollups) -> its *_by_partition table and columns."""
 
 
 def _seconds(ms: int | None) -> float | None:
@@ -478,6 +520,13 @@ def rollup_row(key: Key, stats: Stats, partition: int, version: int, funnels: Fu
     if kind == "e":
         _, exp, variant, day = key
         return [exp, variant, day, partition, int(stats[0]), version]
+    if kind == "x":
+        return [*key[1:], partition, int(stats[0]), version]
+    if kind == "c":
+        wm, count, sx, sx2, wp, sy, sy2, sxy, wb = stats
+        return [*key[1:], partition, int(wm), int(count), sx, sx2, int(wp), sy, sy2, sxy, int(wb), version]
+    if kind == "r":
+        return [*key[1:], partition, *(float(v) for v in stats), version]
     if kind == "f":
         _, funnel_key, exp, variant, step = key
         spec = funnels.by_key.get(funnel_key)

@@ -12,6 +12,13 @@ Rules (also in docs/stream-workers.md):
   the user's first assignment (of E's latest phase) happened no later than the event was received.
 * experiment metric value x of a user for (metric, day): the number of events with that name that day,
   or for tracked metrics (/apiv1/ab-tests/{id}/track, counted for that test only) the sum of values.
+* cumulative experiment rollups (what results read): per experiment, phase, variant and source (an event
+  name, or a metric tracked for that experiment) over the variant's *exposed* users. Exposure is the
+  user's first assignment, or with an ``exposure_event`` the first such event attributed to the
+  experiment. x = the user's events (count; tracked: value sum) attributed to the experiment, from the
+  exposure on; y (the CUPED covariate) = the same source over the ``cuped_lookback_days`` whole UTC
+  days before the exposure day, less what x already counts. Ratio metrics also keep Σx·y of their
+  numerator and denominator values per user.
 * funnel: a user reaches step k when events of steps 1..k happen in that order (non-decreasing time)
   with the k-th no later than ``conversion_window_seconds`` after the first. Per experiment/variant the
   user is assigned to (all experiments, or the funnel's ``experiment_keys``), and for all users (id 0).
@@ -21,11 +28,13 @@ Rules (also in docs/stream-workers.md):
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_left, insort
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from schemas.analysis import DEFAULT_RULES, ExperimentRules, RatioPart
 from schemas.events import METRIC_VALUE_MAX
 from schemas.experiments import Funnel
 
@@ -36,6 +45,10 @@ ALL = "*"  # platform/app_version of the daily rows that total over all platform
 #              ("e", exp, variant, day)         -> [users]
 #              ("f", funnel, exp, variant, step) -> [users]
 #              ("d", day, event_name, platform, app_version) -> [events, unique_users]
+#              ("x", exp, phase, variant)       -> [exposed users]
+#              ("c", exp, phase, variant, source, name) -> [users_with_metric, event_count, sum_x, sum_x2,
+#                                                   users_with_pre, sum_y, sum_y2, sum_xy, users_with_both]
+#              ("r", exp, phase, variant, ratio metric key) -> [sum_x, sum_x2, sum_y, sum_y2, sum_xy]
 Key = tuple[Any, ...]
 Stats = list[float]
 
@@ -111,8 +124,12 @@ class UserState:
     assignments: dict[int, Assignment] = field(default_factory=dict)
     # (day, event_name, platform, app_version) -> events
     daily: dict[tuple[int, str, str, str], int] = field(default_factory=dict)
-    # (experiment_id, variant_id, metric, day) -> [event_count, value]
-    attributed: dict[tuple[int, int, str, int], list[float]] = field(default_factory=dict)
+    # (experiment_id, variant_id, source experiment (0: events), name, day) -> [event_count, value]
+    attributed: dict[tuple[int, int, int, str, int], list[float]] = field(default_factory=dict)
+    # (experiment_id, variant_id, source experiment, name) -> sorted (event time, value): for exposure events
+    attributed_times: dict[tuple[int, int, int, str], list[tuple[int, float]]] = field(default_factory=dict)
+    # (source experiment (0: events), name, day) -> [event_count, value]: every event, for CUPED covariates
+    by_day: dict[tuple[int, str, int], list[float]] = field(default_factory=dict)
     # funnel key -> per step: sorted event times
     funnel_times: dict[str, list[list[int]]] = field(default_factory=dict)
 
@@ -129,23 +146,32 @@ class UserState:
             self.daily[dkey] = n
         else:
             self.daily.pop(dkey, None)
+        if ev.kind == "metric":
+            src = ev.metric_experiment_id or 0
+            amount = ev.value or 0.0
+            if not -METRIC_VALUE_MAX <= amount <= METRIC_VALUE_MAX:  # also NaN: only a record that bypassed
+                amount = 0.0  # the gateway holds one; counted as an event, its value is no number a sum keeps
+        else:
+            src = 0
+            amount = 1
+        name = ev.event_name
+        _bump(self.by_day, (src, name, day), sign, amount)
         for exp_id, variant_id in ev.attribution:
-            if ev.kind == "metric":
-                if ev.metric_experiment_id != exp_id:
-                    continue
-                amount = ev.value or 0.0
-                if not -METRIC_VALUE_MAX <= amount <= METRIC_VALUE_MAX:  # also NaN: only a record that bypassed
-                    amount = 0.0  # the gateway holds one; counted as an event, its value is no number a sum keeps
-            else:
-                amount = 1.0
-            akey = (exp_id, variant_id, ev.event_name, day)
-            acc = self.attributed.get(akey)
-            if acc is None:
-                acc = self.attributed[akey] = [0, 0.0]
-            acc[0] += sign
-            acc[1] += sign * amount
-            if acc[0] == 0:
-                del self.attributed[akey]
+            if ev.kind == "metric" and src != exp_id:
+                continue
+            _bump(self.attributed, (exp_id, variant_id, src, name, day), sign, amount)
+            tkey = (exp_id, variant_id, src, name)
+            times = self.attributed_times.get(tkey)
+            if sign > 0:
+                if times is None:
+                    times = self.attributed_times[tkey] = []
+                insort(times, (ev.event_time_ms, amount))
+            elif times is not None:
+                pos = bisect_left(times, (ev.event_time_ms, amount))
+                if pos < len(times) and times[pos] == (ev.event_time_ms, amount):
+                    times.pop(pos)
+                if not times:
+                    del self.attributed_times[tkey]
         hits = funnels.steps_by_name.get(ev.event_name)
         if hits:
             t = ev.event_time_ms
@@ -160,6 +186,16 @@ class UserState:
                     pos = bisect_left(lst, t)
                     if pos < len(lst) and lst[pos] == t:
                         lst.pop(pos)
+
+
+def _bump(summary: dict[Any, list[float]], key: Any, sign: int, amount: float) -> None:
+    acc = summary.get(key)
+    if acc is None:
+        acc = summary[key] = [0, 0 if type(amount) is int else 0.0]
+    acc[0] += sign
+    acc[1] += sign * amount
+    if acc[0] == 0:
+        del summary[key]
 
 
 def funnel_level(times: list[list[int]], window_ms: int) -> int:
@@ -185,14 +221,26 @@ def funnel_level(times: list[list[int]], window_ms: int) -> int:
     return best
 
 
-def contribution(user: UserState, funnels: Funnels) -> dict[Key, Stats]:
+RulesLookup = Mapping[int, ExperimentRules]
+
+
+def contribution(user: UserState, funnels: Funnels, rules: RulesLookup | None = None) -> dict[Key, Stats]:
     """This user's share of every rollup total (see module docstring for the rules)."""
     out: dict[Key, Stats] = {}
-    for (exp_id, variant_id, metric, day), (count, value) in user.attributed.items():
+    per_day: dict[tuple[int, int, str, int], list[float]] = {}
+    for (exp_id, variant_id, _src, metric, day), (count, value) in user.attributed.items():
         if count <= 0:
             continue
-        x = float(value)
+        acc = per_day.get((exp_id, variant_id, metric, day))
+        if acc is None:
+            per_day[(exp_id, variant_id, metric, day)] = [count, float(value)]
+        else:  # an event name that is also a metric tracked for this experiment: one row, as before
+            acc[0] += count
+            acc[1] += float(value)
+    for (exp_id, variant_id, metric, day), (count, x) in per_day.items():
         out[("m", exp_id, variant_id, metric, day)] = [1, count, 1, x, x * x]
+    for exp_id, a in user.assignments.items():
+        _cumulative(user, a, (rules or {}).get(exp_id, DEFAULT_RULES), out)
     for exp_id, a in user.assignments.items():
         out[("e", exp_id, a.variant_id, a.assigned_at_ms // MS_PER_DAY)] = [1]
     totals_by_day: dict[tuple[int, str], int] = {}
@@ -216,6 +264,74 @@ def contribution(user: UserState, funnels: Funnels) -> dict[Key, Stats]:
             for step in range(1, level + 1):
                 out[("f", key, exp_id, variant_id, step)] = [1]
     return out
+
+
+def _cumulative(user: UserState, a: Assignment, rules: ExperimentRules, out: dict[Key, Stats]) -> None:
+    """The user's share of experiment a's cumulative rollups ("x", "c", "r" keys), if the user is exposed."""
+    exp_id, variant_id = a.experiment_id, a.variant_id
+    # x per source: [count, value] from the exposure on
+    x: dict[tuple[int, str], list[float]] = {}
+    if rules.exposure_event is None:
+        exposed_at = a.assigned_at_ms
+        for (e, v, src, name, _day), (count, value) in user.attributed.items():
+            if e == exp_id and v == variant_id and count > 0:
+                _add(x, (src, name), count, value)
+    else:
+        first = user.attributed_times.get((exp_id, variant_id, 0, rules.exposure_event))
+        if not first:
+            return  # not exposed (yet)
+        exposed_at = first[0][0]
+        for (e, v, src, name), times in user.attributed_times.items():
+            if e == exp_id and v == variant_id:
+                for _t, value in times[bisect_left(times, (exposed_at, -math.inf)) :]:
+                    _add(x, (src, name), 1, value)
+    phase = a.phase
+    out[("x", exp_id, phase, variant_id)] = [1]
+    # y per source: the lookback days before the exposure day, less what x counts on those days
+    y: dict[tuple[int, str], list[float]] = {}
+    if rules.lookback_days > 0:
+        last = exposed_at // MS_PER_DAY
+        first_day = last - rules.lookback_days
+        for (src, name, day), (count, value) in user.by_day.items():
+            if first_day <= day < last and (src == 0 or src == exp_id):
+                _add(y, (src, name), count, value)
+        if rules.exposure_event is None:
+            for (e, v, src, name, day), (count, value) in user.attributed.items():
+                if e == exp_id and v == variant_id and first_day <= day < last:
+                    _add(y, (src, name), -count, -value)
+    for source in x.keys() | y.keys():
+        xc, xv = x.get(source, (0, 0))
+        yc, yv = y.get(source, (0, 0))
+        if xc <= 0 and yc <= 0:
+            continue
+        src, name = source
+        if src:  # tracked values: float sums
+            xv, yv = float(xv), float(yv)
+        out[("c", exp_id, phase, variant_id, "tracked" if src else "event", name)] = [
+            int(xc > 0), xc, xv, xv * xv, int(yc > 0), yv, yv * yv, xv * yv, int(xc > 0 and yc > 0)
+        ]  # fmt: skip
+    for ratio in rules.ratios:
+        num = _part_value(ratio.numerator, exp_id, x)
+        den = _part_value(ratio.denominator, exp_id, x)
+        if num or den:
+            out[("r", exp_id, phase, variant_id, ratio.key)] = [num, num * num, den, den * den, num * den]
+
+
+def _add(acc: dict[tuple[int, str], list[float]], key: tuple[int, str], count: float, value: float) -> None:
+    cur = acc.get(key)
+    if cur is None:
+        acc[key] = [count, value]
+    else:
+        cur[0] += count
+        cur[1] += value
+
+
+def _part_value(part: RatioPart, exp_id: int, x: dict[tuple[int, str], list[float]]) -> float:
+    """A ratio's numerator or denominator value for one user, from the user's x per source."""
+    count, value = x.get((0 if part.source_kind == "event" else exp_id, part.name), (0, 0))
+    if part.type == "proportion":
+        return 1.0 if count > 0 else 0.0
+    return float(count if part.type == "count" else value)
 
 
 _UNIT_EXP = 1074

@@ -17,6 +17,7 @@ from abstream.config import Settings
 from schemas.experiments import load_manifest
 from stream_workers.pipeline import Pipeline, event_from_log
 from stream_workers.rollups import Assignment, Funnels, Key, Stats, Totals, UserState, contribution
+from stream_workers.rules import RULES_SQL, rules_from_registry
 
 _EPOCH = date(1970, 1, 1)
 
@@ -30,13 +31,23 @@ ACTUAL_QUERIES = {
     "GROUP BY funnel_key, experiment_id, variant_id, step",
     "d": "SELECT day, event_name, platform, app_version, sum(events), sum(unique_users) "
     "FROM daily_metric_rollups_by_partition FINAL GROUP BY day, event_name, platform, app_version",
+    "x": "SELECT experiment_id, phase, variant_id, sum(users) FROM experiment_exposed_by_partition FINAL "
+    "GROUP BY experiment_id, phase, variant_id",
+    "c": "SELECT experiment_id, phase, variant_id, source, name, sum(users_with_metric), sum(event_count), "
+    "sum(sum_x), sum(sum_x2), sum(users_with_pre), sum(sum_y), sum(sum_y2), sum(sum_xy), sum(users_with_both) "
+    "FROM experiment_source_rollups_by_partition FINAL GROUP BY experiment_id, phase, variant_id, source, name",
+    "r": "SELECT experiment_id, phase, variant_id, metric, sum(sum_x), sum(sum_x2), sum(sum_y), sum(sum_y2), "
+    "sum(sum_xy) FROM experiment_ratio_rollups_by_partition FINAL GROUP BY experiment_id, phase, variant_id, metric",
 }
-KEY_WIDTH = {"m": 4, "e": 3, "f": 4, "d": 4}
+KEY_WIDTH = {"m": 4, "e": 3, "f": 4, "d": 4, "x": 3, "c": 5, "r": 4}
 NAMES = {
     "m": "experiment_metric_rollups",
     "e": "experiment_exposures",
     "f": "funnel_rollups",
     "d": "daily_metric_rollups",
+    "x": "experiment_exposed",
+    "c": "experiment_source_rollups",
+    "r": "experiment_ratio_rollups",
 }
 
 
@@ -46,10 +57,12 @@ def _norm(value: Any) -> Any:
 
 def expected_totals(settings: Settings) -> dict[Key, Stats]:
     """Every rollup total recomputed from event_logs FINAL and assignments."""
-    funnels = Funnels(load_manifest(settings.manifest_path).funnels)
+    manifest = load_manifest(settings.manifest_path)
+    funnels = Funnels(manifest.funnels)
     client = ch_client(settings)
     users: dict[str, UserState] = {}
     try:
+        rules = rules_from_registry(client.query(RULES_SQL).result_rows, manifest.experiments)
         for row in client.query(
             "SELECT user_id, experiment_id, experiment_key, variant_id, variant_key, phase, "
             "toUnixTimestamp64Milli(assigned_at), assignment_version FROM assignments FINAL"
@@ -66,7 +79,7 @@ def expected_totals(settings: Settings) -> dict[Key, Stats]:
         client.close()
     totals = Totals()
     for user in users.values():
-        totals.add(contribution(user, funnels))
+        totals.add(contribution(user, funnels, rules))
     return {k: v for k, v in totals.items() if any(v)}
 
 

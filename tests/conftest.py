@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from abstream.config import Settings
-from tests.stack import Infra, choose_mode, isolated_settings, start_infra
+from tests.stack import Infra, app_process, choose_mode, isolated_settings, log_dir, start_infra
 
 _MODE = choose_mode()
 
@@ -39,3 +39,13 @@ def settings(infra: Infra) -> Iterator[Settings]:
         c.close()
     except Exception:  # noqa: BLE001 - best-effort cleanup
         pass
+
+
+@pytest.fixture
+def stack(settings: Settings) -> Iterator[tuple[Settings, str]]:
+    """A migrated database, a gateway and one worker: (settings, the gateway's base URL)."""
+    from abstream.migrate import migrate
+
+    migrate(settings, log=False)
+    with app_process("gateway", settings, log_dir()) as gw, app_process("worker", settings, log_dir()):
+        yield settings, gw.address

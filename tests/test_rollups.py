@@ -69,3 +69,97 @@ def test_a_value_beyond_the_gateway_bound_counts_as_an_event_with_no_value() -> 
     (key, stats), *_ = contribution(user, funnels).items()
     assert key == ("m", 3, 3001, "revenue", 0)
     assert stats == [1, 4, 1, 2.0, 4.0]
+
+
+# ---- cumulative experiment rollups (what results read) ------------------------------------------------
+
+DAY = 86_400_000
+T0 = 20_000 * DAY + 12 * 3_600_000  # noon of day 20000: the exposure
+
+
+def _event(i: int, name: str, t: int, attributed: bool, kind: str = "event", value: float | None = None) -> UserEvent:
+    return UserEvent(f"e{i}", name, kind, t, t, "ios", "1.0", 3 if kind == "metric" else None, value,
+                     ((3, 3001),) if attributed else ())  # fmt: skip
+
+
+def _user(events: list[UserEvent], assigned_at: int = T0) -> UserState:
+    user = UserState()
+    user.assignments[3] = Assignment(3, "exp3", 3001, "A", 1, assigned_at, "v")
+    for ev in events:
+        user.add_event(ev, Funnels([]))
+    return user
+
+
+def test_cumulative_x_counts_from_exposure_and_y_over_the_lookback_days_before_it() -> None:
+    from schemas.analysis import ExperimentRules
+
+    events = [
+        _event(1, "view", T0 - 3 * DAY, False),  # pre-exposure, inside 14 days: y
+        _event(2, "view", T0 - 20 * DAY, False),  # older than the lookback: neither
+        _event(3, "view", T0 - 2 * 3_600_000, False),  # the exposure day, before exposure: neither
+        _event(4, "view", T0 + 1000, True),  # x
+        _event(5, "view", T0 + 2000, True),  # x
+        _event(6, "buy", T0 + 3000, True),
+        _event(7, "revenue", T0 + 4000, True, "metric", 2.5),
+        _event(8, "revenue", T0 + 5000, True, "metric", 4.0),
+    ]
+    out = contribution(_user(events), Funnels([]), {3: ExperimentRules(lookback_days=14)})
+    assert out[("x", 3, 1, 3001)] == [1]
+    assert out[("c", 3, 1, 3001, "event", "view")] == [1, 2, 2, 4, 1, 1, 1, 2, 1]
+    assert out[("c", 3, 1, 3001, "event", "buy")] == [1, 1, 1, 1, 0, 0, 0, 0, 0]
+    assert out[("c", 3, 1, 3001, "tracked", "revenue")] == [1, 2, 6.5, 42.25, 0, 0.0, 0.0, 0.0, 0]
+    # a lookback of 2 days no longer reaches the pre-exposure view 3 days back; 0 days: no covariate
+    for days in (2, 0):
+        out = contribution(_user(events), Funnels([]), {3: ExperimentRules(lookback_days=days)})
+        assert out[("c", 3, 1, 3001, "event", "view")] == [1, 2, 2, 4, 0, 0, 0, 0, 0]
+
+
+def test_an_attributed_late_event_on_a_lookback_day_is_counted_once_in_x() -> None:
+    """An event received after the assignment but dated (client clock) two days before: x, not also y."""
+    from schemas.analysis import ExperimentRules
+
+    events = [_event(1, "view", T0 - 2 * DAY, True), _event(2, "view", T0 - 3 * DAY, False)]
+    out = contribution(_user(events), Funnels([]), {3: ExperimentRules(lookback_days=14)})
+    assert out[("c", 3, 1, 3001, "event", "view")] == [1, 1, 1, 1, 1, 1, 1, 1, 1]
+
+
+def test_an_exposure_event_starts_the_count_and_users_without_it_are_not_exposed() -> None:
+    from schemas.analysis import ExperimentRules
+
+    rules = {3: ExperimentRules(lookback_days=14, exposure_event="checkout_seen")}
+    events = [
+        _event(1, "buy", T0 + 1000, True),  # after assignment, before the exposure event: not counted
+        _event(2, "checkout_seen", T0 + 5000, True),
+        _event(3, "buy", T0 + 6000, True),
+    ]
+    out = contribution(_user(events), Funnels([]), rules)
+    assert out[("x", 3, 1, 3001)] == [1]
+    assert out[("c", 3, 1, 3001, "event", "buy")] == [1, 1, 1, 1, 0, 0, 0, 0, 0]
+    unexposed = contribution(_user(events[:1]), Funnels([]), rules)
+    assert not [k for k in unexposed if k[0] in ("x", "c", "r")]
+
+
+def test_ratio_rows_keep_the_cross_product_of_numerator_and_denominator() -> None:
+    from schemas.analysis import ExperimentRules, RatioPart, RatioRule
+
+    ratio = RatioRule("rev_per_view", RatioPart("tracked", "revenue", "sum"), RatioPart("event", "view", "count"))
+    events = [_event(1, "view", T0 + 1, True), _event(2, "view", T0 + 2, True),
+              _event(3, "revenue", T0 + 3, True, "metric", 3.0)]  # fmt: skip
+    out = contribution(_user(events), Funnels([]), {3: ExperimentRules(ratios=(ratio,))})
+    assert out[("r", 3, 1, 3001, "rev_per_view")] == [3.0, 9.0, 2.0, 4.0, 6.0]
+
+
+def test_removing_an_event_again_leaves_the_cumulative_contribution_as_before() -> None:
+    """Re-enrichment uncounts and recounts an event: the state must return exactly to where it was."""
+    from schemas.analysis import ExperimentRules
+
+    rules = {3: ExperimentRules(lookback_days=14, exposure_event="seen")}
+    base = [_event(1, "seen", T0 + 10, True), _event(2, "view", T0 + 20, True)]
+    user = _user(base)
+    before = contribution(user, Funnels([]), rules)
+    extra = _event(3, "view", T0 + 30, True)
+    user.add_event(extra, Funnels([]))
+    assert contribution(user, Funnels([]), rules) != before
+    user.add_event(extra, Funnels([]), -1)
+    assert contribution(user, Funnels([]), rules) == before
+    assert not user.attributed_times.get((3, 3001, 0, "missing"))

@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -79,13 +79,6 @@ def post_events(base: str, user: str, names: list[str], ids: list[str] | None = 
     r = httpx.post(f"{base}/v1/events", json=body, timeout=15)
     assert r.status_code == 200, r.text
     return r.json()
-
-
-@pytest.fixture
-def stack(settings: Settings) -> Iterator[tuple[Settings, str]]:
-    migrate(settings, log=False)
-    with app_process("gateway", settings, log_dir()) as gw, app_process("worker", settings, log_dir()):
-        yield settings, gw.address
 
 
 def test_events_assignments_and_rollups_end_to_end(stack: tuple[Settings, str]) -> None:
@@ -198,12 +191,17 @@ def test_events_assignments_and_rollups_end_to_end(stack: tuple[Settings, str]) 
     assert res["total_exposed_users"] == len(users)
     by_variant = {v["variant_id"]: v for v in res["variants"]}
     assert {k: v["exposed_users"] for k, v in by_variant.items() if v["exposed_users"]} == exposed
+    # no metrics listed: every event name as a proportion and a count, from the cumulative rollups
+    metrics = {m["key"]: {e["variant_id"]: e for e in m["variants"]} for m in res["metrics"]}
     for variant_id, (n_users, n_events) in expected_m.items():
-        app_open = by_variant[variant_id]["metrics"]["app_open"]
-        assert (app_open["users"], app_open["events"]) == (n_users, n_events)
-        assert app_open["conversion_rate"] == n_users / exposed[variant_id]
+        conversion, count = metrics["conversion:app_open"][variant_id], metrics["count:app_open"][variant_id]
+        assert conversion["users_with_metric"] == n_users
+        assert conversion["conversion_rate"] == n_users / exposed[variant_id]
+        assert count["mean"] == pytest.approx(n_events / exposed[variant_id], rel=1e-12)
     assert [v["is_control"] for v in res["variants"]] == [True, False]
-    assert "vs_control" in res["variants"][1]["metrics"]["app_open"]
+    comparison = next(e for e in res["metrics"][0]["variants"] if not e["is_control"])["vs_control"]
+    assert comparison["reason"]["code"], "12 users are below the minimum sample: inference is refused, with a reason"
+    assert res["exposure"]["rule"] == "first_assignment"
     assert httpx.get(f"{base}/apiv1/ab-tests/999/results").status_code == 404
 
 
