@@ -18,7 +18,9 @@ from gateway.results import experiment_results, parse_level
 from schemas.errors import ApiError, ErrorResponse, validation_failed
 from schemas.events import ApiV1Event, ApiV1EventBatch, IngestResponse, TrackRequest
 from schemas.experiments import ABAssignRequest, ABAssignResponse, ABTestCreate, ABTestOut
-from schemas.registry import ABTestResults, ExperimentEdit
+from schemas.names import KEY_PATTERN
+from schemas.registry import ExperimentEdit
+from schemas.results import ExperimentResults
 
 
 def _core(request: Request) -> GatewayCore:
@@ -131,6 +133,15 @@ async def get_results(request: Request) -> Response:
     return JSONResponse(await experiment_results(core.rollups, experiment, level, metric))
 
 
+TEST_REF = {"oneOf": [{"type": "integer"}, {"type": "string", "pattern": KEY_PATTERN}],
+            "description": "The test's id, or its key (tests.json experiments are known by key)"}  # fmt: skip
+RESULTS_QUERY = (
+    {"name": "level", "in": "query", "required": False, "description": "Confidence level (default 0.95)",
+     "schema": {"type": "string", "enum": ["0.90", "0.9", "0.95", "0.99", "90", "95", "99"]}},
+    {"name": "metric", "in": "query", "required": False, "description": "Only this metric (its key)",
+     "schema": {"type": "string"}},
+)  # fmt: skip
+
 ERRORS = {400: ErrorResponse, 413: ErrorResponse, 415: ErrorResponse, 503: ErrorResponse}
 ADMIN_ERRORS = {401: ErrorResponse, 403: ErrorResponse}
 
@@ -156,6 +167,8 @@ ENDPOINTS = [
     Endpoint("POST", "/apiv1/ab-tests/{test_id}/track", post_track, "Track a metric value for a user", "arkforge",
              request=TrackRequest, responses={200: IngestResponse, 404: ErrorResponse, **ERRORS}),
     Endpoint("GET", "/apiv1/ab-tests/{test_id}/results", get_results,
-             "Results: exposures and metrics per variant, each compared with the control", "arkforge",
-             responses={200: ABTestResults, 404: ErrorResponse, 503: ErrorResponse}),
+             "Results: per metric and variant, lift, interval and p-value against the control (docs/results.md)",
+             "arkforge", responses={200: ExperimentResults, 400: ErrorResponse, 404: ErrorResponse,
+                                    503: ErrorResponse},
+             query=RESULTS_QUERY, path_schemas={"test_id": TEST_REF}),
 ]  # fmt: skip

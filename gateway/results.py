@@ -13,8 +13,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from clickhouse_connect.driver.asyncclient import AsyncClient
 
@@ -29,27 +30,78 @@ log = logging.getLogger(__name__)
 
 LEVELS = (0.90, 0.95, 0.99)
 
-EXPOSED_SQL = (
-    "SELECT variant_id, sum(users) FROM experiment_exposed_by_partition FINAL "
-    "WHERE experiment_id = {experiment_id:UInt32} AND phase = {phase:UInt32} GROUP BY variant_id"
-)
-SOURCES_SQL = (
-    "SELECT variant_id, source, name, sum(users_with_metric), sum(event_count), sum(sum_x), sum(sum_x2), "
-    "sum(users_with_pre), sum(sum_y), sum(sum_y2), sum(sum_xy), sum(users_with_both) "
-    "FROM experiment_source_rollups_by_partition FINAL "
-    "WHERE experiment_id = {experiment_id:UInt32} AND phase = {phase:UInt32} GROUP BY variant_id, source, name"
-)
-RATIOS_SQL = (
-    "SELECT variant_id, metric, sum(sum_x), sum(sum_x2), sum(sum_y), sum(sum_y2), sum(sum_xy) "
-    "FROM experiment_ratio_rollups_by_partition FINAL "
-    "WHERE experiment_id = {experiment_id:UInt32} AND phase = {phase:UInt32} GROUP BY variant_id, metric"
-)
-FRESHNESS_SQL = (
-    "SELECT max(watermark), max(run_at) FROM (SELECT watermark, run_at FROM rollup_runs ORDER BY run_at DESC LIMIT 500)"
-)
+ROLLUPS_SQL = """
+SELECT 'x' AS kind, experiment_id, phase, variant_id, '' AS source, '' AS name, [toFloat64(sum(users))] AS stats
+FROM experiment_exposed_by_partition FINAL WHERE experiment_id IN {ids:Array(UInt32)}
+GROUP BY experiment_id, phase, variant_id
+UNION ALL
+SELECT 'c', experiment_id, phase, variant_id, source, name,
+       [toFloat64(sum(users_with_metric)), toFloat64(sum(event_count)), sum(sum_x), sum(sum_x2),
+        toFloat64(sum(users_with_pre)), sum(sum_y), sum(sum_y2), sum(sum_xy), toFloat64(sum(users_with_both))]
+FROM experiment_source_rollups_by_partition FINAL WHERE experiment_id IN {ids:Array(UInt32)}
+GROUP BY experiment_id, phase, variant_id, source, name
+UNION ALL
+SELECT 'r', experiment_id, phase, variant_id, '', metric,
+       [sum(sum_x), sum(sum_x2), sum(sum_y), sum(sum_y2), sum(sum_xy)]
+FROM experiment_ratio_rollups_by_partition FINAL WHERE experiment_id IN {ids:Array(UInt32)}
+GROUP BY experiment_id, phase, variant_id, metric
+UNION ALL
+SELECT 'f', 0, 0, 0, '', '', [toFloat64(ifNull(toUnixTimestamp64Milli(max(watermark)), -1)),
+                             toFloat64(ifNull(toUnixTimestamp64Milli(max(run_at)), -1))]
+FROM (SELECT watermark, run_at FROM rollup_runs ORDER BY run_at DESC LIMIT 500)
+"""
+"""Every cumulative rollup of the given experiments (all phases; the caller keeps the current one) and the
+rollups' freshness, in one round trip: a few rows per variant and source, whatever the number of events."""
 
-SourceRow = tuple[int, int, float, float, int, float, float, float, int]
+SourceRow = tuple[float, ...]
 """users_with_metric, event_count, sum_x, sum_x2, users_with_pre, sum_y, sum_y2, sum_xy, users_with_both"""
+
+
+@dataclass
+class ExperimentRollups:
+    """One experiment phase's cumulative rollups, as read."""
+
+    exposed: dict[int, int] = field(default_factory=dict)  # variant_id -> exposed users
+    sources: dict[tuple[str, str], dict[int, SourceRow]] = field(default_factory=dict)  # (kind, name) -> variant
+    ratios: dict[str, dict[int, tuple[float, ...]]] = field(default_factory=dict)  # metric key -> variant
+
+
+@dataclass
+class Freshness:
+    watermark_ms: int | None = None  # the latest event time the rollups include
+    run_at_ms: int | None = None  # the latest flush of rollups
+
+
+async def fetch_rollups(
+    reader: RollupReader, experiments: Sequence[Experiment]
+) -> tuple[dict[int, ExperimentRollups], Freshness]:
+    """The current phase's rollups of each experiment, and the rollups' freshness (one query)."""
+    phases = {e.id: e.phase for e in experiments}
+    try:
+        rows = await reader.query(ROLLUPS_SQL, {"ids": sorted(phases)})
+    except Exception as exc:  # noqa: BLE001 - any ClickHouse failure is a clear 503, never a 500 or its text
+        log.warning("rollups unavailable: %s", describe_failure(reader.settings, exc))
+        raise ApiError(
+            503, "results_unavailable", "the results store (ClickHouse) cannot be read; retry shortly",
+            headers={"Retry-After": "5"},
+        ) from None  # fmt: skip
+    out = {experiment_id: ExperimentRollups() for experiment_id in phases}
+    fresh = Freshness()
+    for kind, experiment_id, phase, variant_id, source, name, stats in rows:
+        if kind == "f":
+            watermark, run_at = (int(v) for v in stats)
+            fresh = Freshness(watermark if watermark >= 0 else None, run_at if run_at >= 0 else None)
+            continue
+        if phases.get(experiment_id) != phase:
+            continue
+        target = out[experiment_id]
+        if kind == "x":
+            target.exposed[int(variant_id)] = int(stats[0])
+        elif kind == "c":
+            target.sources.setdefault((source, name), {})[int(variant_id)] = tuple(stats)
+        else:
+            target.ratios.setdefault(name, {})[int(variant_id)] = tuple(stats)
+    return out, fresh
 
 
 class RollupReader:
@@ -96,17 +148,19 @@ def parse_level(value: str | None) -> float:
     raise ApiError(400, "invalid_parameter", message, [{"field": "level", "code": "invalid_level", "message": message}])
 
 
-def _iso(value: datetime | None) -> str | None:
-    if value is None:
+def _iso_ms(ms: int | None) -> str | None:
+    """Epoch milliseconds as an ISO 8601 UTC time with milliseconds."""
+    if ms is None:
         return None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _moments(metric: MetricDefinition, variant_key: str, n: int, row: SourceRow | None, cuped: bool) -> VariantMoments:
     """A variant's sufficient statistics of one (non-ratio) metric's per-user value x (and covariate y)."""
     wm, count, sx, sx2, wp, sy, sy2, sxy, wb = row or (0, 0, 0.0, 0.0, 0, 0.0, 0.0, 0.0, 0)
+    # the exposure and source rows of a partition are written one after the other: a reader between the two
+    # can see a user's metric before the user's exposure, never the reverse for long; clamp to what is exposed
+    wm, wp, wb = min(int(wm), n), min(int(wp), n), min(int(wb), n)
     if metric.type == "proportion":
         x, x2, y, y2, xy = float(wm), float(wm), float(wp), float(wp), float(wb)
     else:
@@ -120,27 +174,22 @@ async def experiment_results(
     reader: RollupReader, experiment: Experiment, level: float = 0.95, metric_key: str | None = None
 ) -> dict[str, Any]:
     """The results body of one experiment (its current phase) from the cumulative rollups."""
-    params = {"experiment_id": experiment.id, "phase": experiment.phase}
     t0 = time.perf_counter()
-    try:
-        exposed_rows = await reader.query(EXPOSED_SQL, params)
-        source_rows = await reader.query(SOURCES_SQL, params)
-        ratio_rows = await reader.query(RATIOS_SQL, params) if _has_ratio(experiment.metrics) else []
-        fresh_rows = await reader.query(FRESHNESS_SQL, {})
-    except Exception as exc:  # noqa: BLE001 - any ClickHouse failure is a clear 503, never a 500 or its text
-        log.warning("results of experiment %d unavailable: %s", experiment.id, describe_failure(reader.settings, exc))
-        raise ApiError(
-            503, "results_unavailable", "the results store (ClickHouse) cannot be read; retry shortly",
-            headers={"Retry-After": "5"},
-        ) from None  # fmt: skip
-    exposed = {int(v): int(n) for v, n in exposed_rows}
-    sources: dict[tuple[str, str], dict[int, SourceRow]] = {}
-    for variant_id, source, name, *stats in source_rows:
-        sources.setdefault((source, name), {})[int(variant_id)] = tuple(stats)  # type: ignore[assignment]
-    ratios: dict[str, dict[int, tuple[float, ...]]] = {}
-    for variant_id, name, *stats in ratio_rows:
-        ratios.setdefault(name, {})[int(variant_id)] = tuple(float(v) for v in stats)
+    rollups, fresh = await fetch_rollups(reader, [experiment])
+    return compute_results(experiment, rollups[experiment.id], fresh, level, metric_key, t0)
 
+
+def compute_results(
+    experiment: Experiment,
+    rollups: ExperimentRollups,
+    fresh: Freshness,
+    level: float = 0.95,
+    metric_key: str | None = None,
+    started: float | None = None,
+) -> dict[str, Any]:
+    """The results body from rollups already read (404 ``metric_not_found`` for an unknown ``metric_key``)."""
+    t0 = time.perf_counter() if started is None else started
+    exposed, sources, ratios = rollups.exposed, rollups.sources, rollups.ratios
     metrics = list(experiment.metrics) if experiment.metrics else _observed_defaults(sources)
     if metric_key is not None:
         chosen = [m for m in metrics if m.key == metric_key]
@@ -168,16 +217,14 @@ async def experiment_results(
                 )  # fmt: skip
                 for v in experiment.variants
             ]
-            analysed = analyze_metric("ratio", moments, control.key, options)
+            analysed = _analyze("ratio", moments, control.key, options)
         else:
             rows_by_variant = sources.get(metric.source, {})
             moments = [
                 _moments(metric, v.key, exposed.get(v.variant_id, 0), rows_by_variant.get(v.variant_id), cuped)
                 for v in experiment.variants
             ]
-            analysed = analyze_metric(
-                "proportion" if metric.type == "proportion" else "mean", moments, control.key, options
-            )
+            analysed = _analyze("proportion" if metric.type == "proportion" else "mean", moments, control.key, options)
         for variant, entry in zip(experiment.variants, analysed, strict=True):
             entry["variant_id"] = variant.variant_id
         out_metrics.append({
@@ -189,8 +236,7 @@ async def experiment_results(
 
     counts = [exposed.get(v.variant_id, 0) for v in experiment.variants]
     srm = srm_check(counts, [v.weight for v in experiment.variants])
-    watermark, run_at = fresh_rows[0] if fresh_rows else (None, None)
-    age = None if run_at is None else max(0.0, time.time() - _aware(run_at).timestamp())
+    age = None if fresh.run_at_ms is None else max(0.0, time.time() - fresh.run_at_ms / 1000)
     return {
         "test_id": experiment.id,
         "test_key": experiment.key,
@@ -213,8 +259,8 @@ async def experiment_results(
         "multiple_testing": {"method": "holm", "comparisons": _count_p(out_metrics)},
         "srm": srm,
         "data_freshness": {
-            "latest_event_time": _iso(_aware(watermark) if watermark is not None else None),
-            "rollups_updated_at": _iso(_aware(run_at) if run_at is not None else None),
+            "latest_event_time": _iso_ms(fresh.watermark_ms),
+            "rollups_updated_at": _iso_ms(fresh.run_at_ms),
             "age_seconds": None if age is None else round(age, 3),
         },
         "variants": [
@@ -227,12 +273,26 @@ async def experiment_results(
     }  # fmt: skip
 
 
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-
-
-def _has_ratio(metrics: Sequence[MetricDefinition] | None) -> bool:
-    return any(m.type == "ratio" for m in metrics or ())
+def _analyze(
+    metric_type: Literal["proportion", "mean", "ratio"],
+    moments: list[VariantMoments],
+    control_key: str,
+    options: AnalysisOptions,
+) -> list[dict[str, Any]]:
+    """analyze_metric, or for sums it refuses (say a non-finite one a bypassing writer left) entries that
+    say why instead of a 500."""
+    try:
+        return analyze_metric(metric_type, moments, control_key, options)
+    except ValueError as exc:
+        log.error("results: rollups not analysable (%s): %s", metric_type, exc)
+        reason = {"code": "inconsistent_rollups", "message": "the rollups of this metric cannot be analysed"}
+        return [
+            {"variant_key": v.key, "is_control": v.key == control_key, "exposed_users": v.n,
+             "users_with_metric": v.users_with_metric, "mean": None, "std": None, "conversion_rate": None,
+             "numerator_mean": None, "denominator_mean": None,
+             "vs_control": None if v.key == control_key else {"reason": reason}}
+            for v in moments
+        ]  # fmt: skip
 
 
 def _observed_defaults(sources: dict[tuple[str, str], Any]) -> list[MetricDefinition]:

@@ -733,8 +733,9 @@ def test_arkforge_assign_reasons(targeted: tuple[dict[str, Any], Gateways]) -> N
 
 # ================================================================================ ArkForge ab-tests
 
-TEST_KEYS = {"id", "test_name", "description", "created_at", "status", "key", "phase", "variants"}
-VARIANT_KEYS = {"id", "test_id", "variant_name", "description", "weight", "created_at", "key"}
+TEST_KEYS = {"id", "test_name", "description", "created_at", "status", "key", "phase", "variants", "metrics",
+             "exposure_event", "cuped_lookback_days", "sequential_testing"}  # fmt: skip
+VARIANT_KEYS = {"id", "test_id", "variant_name", "description", "weight", "created_at", "key", "is_control"}
 ASSIGN_KEYS = {
     "test_id",
     "test_name",

@@ -262,8 +262,18 @@ def test_ab_test_create_seed_example_becomes_a_running_experiment() -> None:
     ]
     assert exp.created_at == NOW and exp.seed == "homepage_button_color"
     out = ABTestOut.from_experiment(exp).model_dump(mode="json")
-    assert set(out) == {"id", "test_name", "description", "created_at", "status", "key", "phase", "variants"}
-    assert set(out["variants"][0]) == {"id", "test_id", "variant_name", "description", "weight", "created_at", "key"}
+    assert set(out) == {"id", "test_name", "description", "created_at", "status", "key", "phase", "variants",
+                        "metrics", "exposure_event", "cuped_lookback_days", "sequential_testing"}  # fmt: skip
+    assert set(out["variants"][0]) == {
+        "id",
+        "test_id",
+        "variant_name",
+        "description",
+        "weight",
+        "created_at",
+        "key",
+        "is_control",
+    }
     assert out["variants"][1] | {"created_at": None} == {
         "id": 7002,
         "test_id": 7,
@@ -272,6 +282,7 @@ def test_ab_test_create_seed_example_becomes_a_running_experiment() -> None:
         "weight": 0.5,
         "created_at": None,
         "key": "B",
+        "is_control": False,
     }
 
 

@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import jsonschema
 import numpy as np
 import pytest
 from scipy import stats
@@ -105,6 +106,11 @@ def test_results_match_scipy_and_statsmodels_on_the_raw_per_user_values(stack: t
     assert res.status_code == 200, res.text
     out = res.json()
     json.dumps(out, allow_nan=False)
+    doc = httpx.get(f"{base}/openapi.json").json()
+    op = doc["paths"]["/apiv1/ab-tests/{test_id}/results"]["get"]
+    schema = {**op["responses"]["200"]["content"]["application/json"]["schema"], "components": doc["components"]}
+    jsonschema.Draft202012Validator(schema).validate(out)
+    assert {p["name"] for p in op["parameters"]} == {"test_id", "level", "metric"}
     assert out["test_id"] == test_id and out["sequential_testing"] is True
     assert out["exposure"]["rule"] == "first_assignment"
     assert out["data_freshness"]["latest_event_time"] is not None

@@ -17,11 +17,14 @@ event_logs, timed the same way.
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
+import sys
 import tempfile
 import time
 import uuid
 from contextlib import ExitStack
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -153,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="events stored in event_logs for the raw-scan baseline (0: skip it)")  # fmt: skip
     parser.add_argument("--partitions", type=int, default=12)
     args = parser.parse_args(argv)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     scales = [tuple(int(v) for v in pair.split(":")) for pair in args.scales.split(",")]
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 120)
 
     work = Path(tempfile.mkdtemp(prefix="abstream-bench-results-"))
     bport, cport, gport = free_port(), free_port(), free_port()
@@ -198,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                 client.insert("experiment_ratio_rollups_by_partition", rows["r"], column_names=RATIO_COLUMNS)
                 progress.advance(task)
                 experiments.append((events, users, test, sum(len(v) for v in rows.values())))
-            client.insert("rollup_runs", [[time.time(), "bench", [0], 0, 0, 0, time.time(), 1.0]],
+            now = datetime.now(UTC)
+            client.insert("rollup_runs", [[now, "bench", [0], 0, 0, 0, now, 1.0]],
                           column_names=["run_at", "worker", "partitions", "event_rows", "assignment_rows",
                                         "rollup_rows", "watermark", "duration_ms"])  # fmt: skip
             for _, _, test, _ in experiments:  # warm: the first request connects to ClickHouse
