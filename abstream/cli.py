@@ -119,6 +119,8 @@ def cmd_config(args: argparse.Namespace) -> int:
     hidden = "(set, not shown)"
     if settings.admin_token:
         current["ABSTREAM_ADMIN_TOKEN"] = hidden
+    if settings.metrics_token:
+        current["ABSTREAM_METRICS_TOKEN"] = hidden
     if urlsplit(settings.clickhouse_url).password:
         current["CLICKHOUSE_URL"] = f"{redacted_url(settings.clickhouse_url)}  (password set, not shown)"
     for env, default, doc in settings_table():

@@ -116,7 +116,13 @@ class Settings:
     admin_token: str = _setting(
         "ABSTREAM_ADMIN_TOKEN",
         "",
-        "Bearer token for creating/changing experiments and reading metrics. Empty: no check.",
+        "Bearer token for creating and changing experiments. Empty: no check.",
+    )
+    metrics_token: str = _setting(
+        "ABSTREAM_METRICS_TOKEN",
+        "",
+        "Bearer token of /v1/metrics/daily, /experiments and /funnels (not the admin token). Empty: those answer "
+        "403 metrics_token_not_configured.",
     )
     # --- ingestion limits (validation is declared in schemas/, the numbers live here) ---
     max_body_bytes: int = _setting(

@@ -1,4 +1,5 @@
-"""Admin authentication for creating and changing experiments: a bearer token compared in constant time."""
+"""Bearer tokens, compared in constant time: the admin token (create and change experiments) and the metrics
+token (the protected /v1/metrics endpoints). They are separate secrets: neither opens the other's endpoints."""
 
 from __future__ import annotations
 
@@ -26,3 +27,22 @@ def require_admin(request: Request, settings: Settings) -> None:
         )
     if not hmac.compare_digest(token.strip().encode(), expected.encode()):
         raise ApiError(403, "forbidden", "the bearer token is not valid for this operation")
+
+
+def require_metrics(request: Request, settings: Settings) -> None:
+    """401 without a bearer token, 403 with a wrong one (the admin token included), 403
+    ``metrics_token_not_configured`` when ABSTREAM_METRICS_TOKEN is empty: no token can be right then."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(
+            401,
+            "unauthorized",
+            "this endpoint needs 'Authorization: Bearer <ABSTREAM_METRICS_TOKEN>'",
+            headers={"WWW-Authenticate": 'Bearer realm="abstream-metrics"'},
+        )
+    expected = settings.metrics_token
+    if not expected:
+        raise ApiError(403, "metrics_token_not_configured", "the metrics API is off: ABSTREAM_METRICS_TOKEN is not set")
+    if not hmac.compare_digest(token.strip().encode(), expected.encode()):
+        raise ApiError(403, "forbidden", "the bearer token is not valid for the metrics API")

@@ -24,6 +24,8 @@ class Endpoint:
     responses: dict[int, Any] = field(default_factory=dict)
     """status -> model/type of the body (None: no schema)."""
     admin: bool = False
+    metrics: bool = False
+    """Needs the metrics token (ABSTREAM_METRICS_TOKEN)."""
     description: str = ""
     query: tuple[dict[str, Any], ...] = ()
     """OpenAPI parameter objects of the query string."""

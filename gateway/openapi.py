@@ -66,6 +66,8 @@ def build_openapi(endpoints: Iterable[Endpoint], version: str) -> dict[str, Any]
         }
         if ep.admin:
             op["security"] = [{"adminToken": []}]
+        if ep.metrics:
+            op["security"] = [{"metricsToken": []}]
         paths.setdefault(ep.path, {})[ep.method.lower()] = op
     return {
         "openapi": "3.1.0",
@@ -77,7 +79,10 @@ def build_openapi(endpoints: Iterable[Endpoint], version: str) -> dict[str, Any]
         "paths": paths,
         "components": {
             "schemas": dict(sorted(components.items())),
-            "securitySchemes": {"adminToken": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "adminToken": {"type": "http", "scheme": "bearer", "description": "ABSTREAM_ADMIN_TOKEN"},
+                "metricsToken": {"type": "http", "scheme": "bearer", "description": "ABSTREAM_METRICS_TOKEN"},
+            },
         },
     }
 

@@ -460,6 +460,18 @@ class Funnel(_Strict):
         default=None, description="Experiments to break the funnel down by; absent: every experiment."
     )
 
+    @model_validator(mode="after")
+    def _distinct_steps(self) -> Funnel:
+        seen: set[str] = set()
+        errors = []
+        for i, step in enumerate(self.steps):
+            if step in seen:
+                message = f"step {step!r} repeats: each step is a different event"
+                errors.append(_error(("steps", i), "duplicate_step", message, step))
+            seen.add(step)
+        _raise("Funnel", errors)
+        return self
+
 
 class Manifest(_Strict):
     """tests.json: the experiments and funnels loaded into the registry on start."""

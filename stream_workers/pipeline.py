@@ -494,6 +494,7 @@ SOURCE_COLUMNS = ["experiment_id", "phase", "variant_id", "source", "name", "kaf
                   "version"]  # fmt: skip
 RATIO_COLUMNS = ["experiment_id", "phase", "variant_id", "metric", "kafka_partition", "sum_x", "sum_x2", "sum_y",
                  "sum_y2", "sum_xy", "version"]  # fmt: skip
+LAST_ACTIVE_COLUMNS = ["day", "kafka_partition", "users", "version"]
 ROLLUP_TABLES = {
     "m": ("experiment_metric_rollups_by_partition", METRIC_COLUMNS),
     "e": ("experiment_exposures_by_partition", EXPOSURE_COLUMNS),
@@ -502,6 +503,7 @@ ROLLUP_TABLES = {
     "x": ("experiment_exposed_by_partition", EXPOSED_COLUMNS),
     "c": ("experiment_source_rollups_by_partition", SOURCE_COLUMNS),
     "r": ("experiment_ratio_rollups_by_partition", RATIO_COLUMNS),
+    "l": ("user_last_active_by_partition", LAST_ACTIVE_COLUMNS),
 }
 """Rollup key kind (stream_workers.rollups) -> its *_by_partition table and columns."""
 
@@ -527,6 +529,8 @@ def rollup_row(key: Key, stats: Stats, partition: int, version: int, funnels: Fu
         return [*key[1:], partition, int(wm), int(count), sx, sx2, int(wp), sy, sy2, sxy, int(wb), version]
     if kind == "r":
         return [*key[1:], partition, *(float(v) for v in stats), version]
+    if kind == "l":
+        return [key[1], partition, int(stats[0]), version]
     if kind == "f":
         _, funnel_key, exp, variant, step = key
         spec = funnels.by_key.get(funnel_key)

@@ -20,8 +20,11 @@ Rules (also in docs/stream-workers.md):
   days before the exposure day, less what x already counts. Ratio metrics also keep Σx·y of their
   numerator and denominator values per user.
 * funnel: a user reaches step k when events of steps 1..k happen in that order (non-decreasing time)
-  with the k-th no later than ``conversion_window_seconds`` after the first. Per experiment/variant the
-  user is assigned to (all experiments, or the funnel's ``experiment_keys``), and for all users (id 0).
+  with the k-th no later than ``conversion_window_seconds`` after the first. For all users (id 0) over
+  all their events; per experiment/variant the user is assigned to (all experiments, or the funnel's
+  ``experiment_keys``) over the events attributed to it, as metrics count them.
+* last active day: each user counts once, on the UTC day of their latest event, so the users active on
+  or after day D are the sum of the rows from D on (the metrics summary's 7- and 30-day actives).
 * daily: per day, event name, platform and app version: events and unique users; the rows with
   platform '*' and app_version '*' are the totals over all platforms and versions ('' = not sent).
 """
@@ -49,6 +52,7 @@ ALL = "*"  # platform/app_version of the daily rows that total over all platform
 #              ("c", exp, phase, variant, source, name) -> [users_with_metric, event_count, sum_x, sum_x2,
 #                                                   users_with_pre, sum_y, sum_y2, sum_xy, users_with_both]
 #              ("r", exp, phase, variant, ratio metric key) -> [sum_x, sum_x2, sum_y, sum_y2, sum_xy]
+#              ("l", day)                       -> [users whose latest event is on that day]
 Key = tuple[Any, ...]
 Stats = list[float]
 
@@ -249,6 +253,8 @@ def contribution(user: UserState, funnels: Funnels, rules: RulesLookup | None = 
         totals_by_day[(day, name)] = totals_by_day.get((day, name), 0) + count
     for (day, name), count in totals_by_day.items():
         out[("d", day, name, ALL, ALL)] = [count, 1]
+    if user.daily:  # the user's last active day (events by UTC day): users active since D add up over days >= D
+        out[("l", max(day for day, _, _, _ in user.daily))] = [1]
     for key, times in user.funnel_times.items():
         spec = funnels.by_key.get(key)
         if spec is None:
@@ -256,13 +262,17 @@ def contribution(user: UserState, funnels: Funnels, rules: RulesLookup | None = 
         level = funnel_level(times, spec.window_ms)
         if level == 0:
             continue
-        groups = [(0, 0)]
+        for step in range(1, level + 1):
+            out[("f", key, 0, 0, step)] = [1]
         for exp_id, a in user.assignments.items():
-            if not spec.experiment_keys or a.experiment_key in spec.experiment_keys:
-                groups.append((exp_id, a.variant_id))
-        for exp_id, variant_id in groups:
-            for step in range(1, level + 1):
-                out[("f", key, exp_id, variant_id, step)] = [1]
+            if spec.experiment_keys and a.experiment_key not in spec.experiment_keys:
+                continue
+            # per variant, the steps count only events attributed to it (from the exposure on), as metrics do
+            attributed = [
+                [t for t, _ in user.attributed_times.get((exp_id, a.variant_id, 0, name), ())] for name in spec.steps
+            ]
+            for step in range(1, funnel_level(attributed, spec.window_ms) + 1):
+                out[("f", key, exp_id, a.variant_id, step)] = [1]
     return out
 
 

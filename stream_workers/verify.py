@@ -38,8 +38,9 @@ ACTUAL_QUERIES = {
     "FROM experiment_source_rollups_by_partition FINAL GROUP BY experiment_id, phase, variant_id, source, name",
     "r": "SELECT experiment_id, phase, variant_id, metric, sum(sum_x), sum(sum_x2), sum(sum_y), sum(sum_y2), "
     "sum(sum_xy) FROM experiment_ratio_rollups_by_partition FINAL GROUP BY experiment_id, phase, variant_id, metric",
+    "l": "SELECT day, sum(users) FROM user_last_active_by_partition FINAL GROUP BY day",
 }
-KEY_WIDTH = {"m": 4, "e": 3, "f": 4, "d": 4, "x": 3, "c": 5, "r": 4}
+KEY_WIDTH = {"m": 4, "e": 3, "f": 4, "d": 4, "x": 3, "c": 5, "r": 4, "l": 1}
 NAMES = {
     "m": "experiment_metric_rollups",
     "e": "experiment_exposures",
@@ -48,6 +49,7 @@ NAMES = {
     "x": "experiment_exposed",
     "c": "experiment_source_rollups",
     "r": "experiment_ratio_rollups",
+    "l": "user_last_active",
 }
 
 

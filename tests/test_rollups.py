@@ -163,3 +163,50 @@ def test_removing_an_event_again_leaves_the_cumulative_contribution_as_before() 
     user.add_event(extra, Funnels([]), -1)
     assert contribution(user, Funnels([]), rules) == before
     assert not user.attributed_times.get((3, 3001, 0, "missing"))
+
+
+def test_funnel_per_variant_counts_only_events_attributed_to_it() -> None:
+    """All users: every event. Per variant: from the exposure on, like metrics (events before it do not count)."""
+    from schemas.experiments import Funnel
+
+    funnels = Funnels([Funnel(key="f", name="f", steps=["open", "start", "done"], conversion_window_seconds=3600)])
+    events = [
+        _event(1, "open", T0 - 60_000, False),  # before the assignment: all-users funnel only
+        _event(2, "start", T0 + 1000, True),
+        _event(3, "done", T0 + 2000, True),
+    ]
+    user = _user([])
+    for ev in events:
+        user.add_event(ev, funnels)
+    out = contribution(user, funnels)
+    assert {k[4] for k in out if k[:4] == ("f", "f", 0, 0)} == {1, 2, 3}
+    assert not [k for k in out if k[:2] == ("f", "f") and k[2] == 3]
+    # once the user opens again after exposure, the variant sees step 1 only: start/done came before it
+    user.add_event(_event(4, "open", T0 + 3000, True), funnels)
+    out = contribution(user, funnels)
+    assert {k[4] for k in out if k[:4] == ("f", "f", 3, 3001)} == {1}
+    # a late event (received now, dated earlier) that completes the path in order within the window
+    user.add_event(_event(5, "start", T0 + 4000, True), funnels)
+    user.add_event(_event(6, "done", T0 + 3000 + 3_600_000 + 1, True), funnels)  # past the window: not done
+    out = contribution(user, funnels)
+    assert {k[4] for k in out if k[:4] == ("f", "f", 3, 3001)} == {1, 2}
+    user.add_event(_event(7, "done", T0 + 3500, True), funnels)  # out of order: before its start, not done
+    assert {k[4] for k in contribution(user, funnels) if k[:4] == ("f", "f", 3, 3001)} == {1, 2}
+    user.add_event(_event(8, "done", T0 + 5000, True), funnels)
+    assert {k[4] for k in contribution(user, funnels) if k[:4] == ("f", "f", 3, 3001)} == {1, 2, 3}
+
+
+def test_a_funnel_whose_steps_repeat_is_refused() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    from schemas.experiments import Funnel
+
+    with pytest.raises(ValidationError, match="duplicate_step"):
+        Funnel(key="f", name="f", steps=["open", "start", "open"], conversion_window_seconds=60)
+
+
+def test_last_active_day_counts_each_user_once_on_their_latest_day() -> None:
+    user = _user([_event(1, "open", T0 - 3 * DAY, False), _event(2, "open", T0, True)])
+    out = contribution(user, Funnels([]))
+    assert [(k, v) for k, v in out.items() if k[0] == "l"] == [(("l", T0 // DAY), [1])]

@@ -101,16 +101,19 @@ def abstream_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "abstream.cli", *args]
 
 
-def admin_token(settings: Settings, data_dir: Path) -> str:
-    """ABSTREAM_ADMIN_TOKEN if set, else a token generated once and kept in the data directory."""
-    if settings.admin_token:
-        return settings.admin_token
-    path = data_dir / "admin_token"
+def stack_token(settings: Settings, data_dir: Path, name: str = "admin_token") -> str:
+    """The configured token (ABSTREAM_ADMIN_TOKEN, or ABSTREAM_METRICS_TOKEN for ``name="metrics_token"``) if set,
+    else one generated once and kept in the data directory (created 0600)."""
+    configured = getattr(settings, name)
+    if configured:
+        return str(configured)
+    path = data_dir / name
     if path.exists():
         return path.read_text().strip()
     token = secrets.token_urlsafe(24)
-    path.write_text(token + "\n")
-    path.chmod(0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
     return token
 
 
@@ -194,7 +197,8 @@ def run_dev(settings: Settings, workers: int = 1) -> int:
     data_dir = Path(settings.data_dir)
     log_dir = data_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    token = admin_token(settings, data_dir)
+    token = stack_token(settings, data_dir)
+    metrics = stack_token(settings, data_dir, "metrics_token")
     child_settings = Settings.from_env(
         kafka_bootstrap_servers=f"127.0.0.1:{settings.broker_port}",
         clickhouse_url=f"http://default:@127.0.0.1:{settings.clickhouse_port}",
@@ -204,6 +208,7 @@ def run_dev(settings: Settings, workers: int = 1) -> int:
         worker_web_port=settings.worker_web_port,
         data_dir=str(data_dir),
         admin_token=token,
+        metrics_token=metrics,
         gateway_workers=settings.gateway_workers,
     )
     env = child_settings.as_env()
@@ -237,6 +242,7 @@ def run_dev(settings: Settings, workers: int = 1) -> int:
             extra = f"  ({child_settings.gateway_workers} server processes)" if child.name == "gateway" else ""
             print(f"  {child.name:<11} {child.address}{extra}")
         print(f"  admin token {token}  (Authorization: Bearer …)")
+        print(f"  metrics token {metrics}  (/v1/metrics/daily, /experiments, /funnels)")
         tools = tools_env(child_settings)
         if tools:
             assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in tools.items())
