@@ -102,7 +102,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     return run(_settings(args), args.experiment, level, args.metric, args.json)
 
 
-BENCHMARKS = ("ingest", "assign", "bucketing", "validation", "worker", "results")
+BENCHMARKS = ("ingest", "assign", "bucketing", "validation", "worker", "results", "metrics")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -69,12 +69,6 @@ HAVING events > 0
 ORDER BY day, event_name, platform, app_version
 """
 
-EXPOSURES_BY_DAY_SQL = """
-SELECT experiment_id, variant_id, day, sum(users) AS users
-FROM experiment_exposures_by_partition FINAL WHERE experiment_id IN {ids:Array(UInt32)}
-GROUP BY experiment_id, variant_id, day HAVING users > 0 ORDER BY experiment_id, variant_id, day
-"""
-
 FUNNELS_SQL = """
 SELECT funnel_key, experiment_id, variant_id, step, sum(users) AS users
 FROM funnel_rollups_by_partition FINAL
@@ -207,19 +201,14 @@ async def experiments_metrics(reader: RollupReader, experiments: Sequence[Experi
     t0 = time.perf_counter()
     if not experiments:
         return {"experiments": []}
-    rollups, fresh = await fetch_rollups(reader, experiments)
-    rows = await _query(reader, EXPOSURES_BY_DAY_SQL, {"ids": [e.id for e in experiments]})
-    by_day: dict[tuple[int, int], list[dict[str, Any]]] = {}
-    for experiment_id, variant_id, day, users in rows:
-        by_day.setdefault((int(experiment_id), int(variant_id)), []).append(
-            {"day": day.isoformat(), "users": int(users)}
-        )
+    rollups, fresh = await fetch_rollups(reader, experiments, exposures_by_day=True)
     out = []
     for e in experiments:
         body = compute_results(e, rollups[e.id], fresh, level, started=t0)
         exposures = [
             {"variant_id": v.variant_id, "variant_key": v.key, "to_date": rollups[e.id].exposed.get(v.variant_id, 0),
-             "by_day": by_day.get((e.id, v.variant_id), [])}
+             "by_day": [{"day": day, "users": n} for day, n in sorted(rollups[e.id].by_day.get(v.variant_id, []))
+                        if n > 0]}
             for v in e.variants
         ]  # fmt: skip
         out.append({"experiment_id": e.id, "key": e.key, "name": e.name, "status": e.status.value,

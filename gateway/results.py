@@ -53,6 +53,14 @@ FROM (SELECT watermark, run_at FROM rollup_runs ORDER BY run_at DESC LIMIT 500)
 """Every cumulative rollup of the given experiments (all phases; the caller keeps the current one) and the
 rollups' freshness, in one round trip: a few rows per variant and source, whatever the number of events."""
 
+EXPOSURES_BY_DAY_SQL = """
+UNION ALL
+SELECT 'd', experiment_id, 0, variant_id, '', toString(day), [toFloat64(sum(users))]
+FROM experiment_exposures_by_partition FINAL WHERE experiment_id IN {ids:Array(UInt32)}
+GROUP BY experiment_id, variant_id, day
+"""
+"""Appended for the metrics API: users first assigned per variant and UTC day (any phase)."""
+
 SourceRow = tuple[float, ...]
 """users_with_metric, event_count, sum_x, sum_x2, users_with_pre, sum_y, sum_y2, sum_xy, users_with_both"""
 
@@ -62,6 +70,7 @@ class ExperimentRollups:
     """One experiment phase's cumulative rollups, as read."""
 
     exposed: dict[int, int] = field(default_factory=dict)  # variant_id -> exposed users
+    by_day: dict[int, list[tuple[str, int]]] = field(default_factory=dict)  # variant_id -> (day, users first assigned)
     sources: dict[tuple[str, str], dict[int, SourceRow]] = field(default_factory=dict)  # (kind, name) -> variant
     ratios: dict[str, dict[int, tuple[float, ...]]] = field(default_factory=dict)  # metric key -> variant
 
@@ -73,12 +82,13 @@ class Freshness:
 
 
 async def fetch_rollups(
-    reader: RollupReader, experiments: Sequence[Experiment]
+    reader: RollupReader, experiments: Sequence[Experiment], exposures_by_day: bool = False
 ) -> tuple[dict[int, ExperimentRollups], Freshness]:
     """The current phase's rollups of each experiment, and the rollups' freshness (one query)."""
     phases = {e.id: e.phase for e in experiments}
+    sql = ROLLUPS_SQL + EXPOSURES_BY_DAY_SQL if exposures_by_day else ROLLUPS_SQL
     try:
-        rows = await reader.query(ROLLUPS_SQL, {"ids": sorted(phases)})
+        rows = await reader.query(sql, {"ids": sorted(phases)})
     except Exception as exc:  # noqa: BLE001 - any ClickHouse failure is a clear 503, never a 500 or its text
         log.warning("rollups unavailable: %s", describe_failure(reader.settings, exc))
         raise ApiError(
@@ -92,6 +102,9 @@ async def fetch_rollups(
             watermark, run_at = (int(v) for v in stats)
             fresh = Freshness(watermark if watermark >= 0 else None, run_at if run_at >= 0 else None)
             continue
+        if kind == "d":
+            out[experiment_id].by_day.setdefault(int(variant_id), []).append((name, int(stats[0])))
+            continue
         if phases.get(experiment_id) != phase:
             continue
         target = out[experiment_id]
@@ -102,6 +115,11 @@ async def fetch_rollups(
         else:
             target.ratios.setdefault(name, {})[int(variant_id)] = tuple(stats)
     return out, fresh
+
+
+READ_SETTINGS = {"max_threads": 1}
+"""Rollup reads touch a few thousand rows: one thread answers them as fast as a pool and without its tail
+(measured on the embedded endpoint: p50 the same, max 33 ms instead of 129 ms over 30 reads)."""
 
 
 class RollupReader:
@@ -118,7 +136,8 @@ class RollupReader:
                 if self._client is None:
                     self._client = await async_client(self.settings)
         try:
-            return list((await self._client.query(sql, parameters=params)).result_rows)
+            result = await self._client.query(sql, parameters=params, settings=READ_SETTINGS)
+            return list(result.result_rows)
         except Exception:
             client, self._client = self._client, None  # reconnect next time
             if client is not None:

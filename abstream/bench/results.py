@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import statistics
 import sys
 import tempfile
 import time
 import uuid
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -130,6 +132,39 @@ BASELINE_SQL = (
 )
 
 
+@contextmanager
+def rollup_stack(name: str, **overrides: Any) -> Iterator[tuple[Settings, str]]:
+    """A private embedded stack for read benchmarks: broker, ClickHouse endpoint (migrated) and a gateway;
+    yields (settings, gateway URL) and stops everything after."""
+    work = Path(tempfile.mkdtemp(prefix=f"abstream-bench-{name}-"))
+    bport, cport, gport = free_port(), free_port(), free_port()
+    settings = Settings.from_env(**{
+        "kafka_bootstrap_servers": f"127.0.0.1:{bport}", "clickhouse_url": f"http://default:@127.0.0.1:{cport}",
+        "kafka_topic_prefix": f"bench{uuid.uuid4().hex[:6]}.", "log_level": "WARNING", "admin_token": "",
+        "data_dir": str(work), "gateway_port": gport, **overrides,
+    })  # fmt: skip
+    env = settings.as_env()
+    base = f"http://127.0.0.1:{gport}"
+    with ExitStack() as stack:
+        broker = Child("broker", abstream_argv("broker", "--port", str(bport)), f"127.0.0.1:{bport}",
+                       lambda: port_open("127.0.0.1", bport), log_path=work / "broker.log")  # fmt: skip
+        ch = Child("clickhouse", abstream_argv("clickhouse-local", "--port", str(cport), "--path", str(work / "ch")),
+                   f"http://127.0.0.1:{cport}/ping", lambda: http_ok(f"http://127.0.0.1:{cport}/ping"),
+                   log_path=work / "clickhouse.log")  # fmt: skip
+        for c in (broker, ch):
+            c.start(env)
+            stack.callback(c.stop)
+            wait_healthy(c, 60)
+        migrate(settings, log=False)
+        gw = Child("gateway", abstream_argv("gateway", "--port", str(gport)), base,
+                   lambda: http_ok(f"{base}/health/ready"), log_path=work / "gateway.log")  # fmt: skip
+        gw.start(env)
+        stack.callback(gw.stop)
+        wait_healthy(gw, 60)
+        yield settings, base
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def timed(fn: Any, n: int, progress: Progress, label: str) -> list[float]:
     out = []
     task = progress.add_task(label, total=n)
@@ -160,32 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     scales = [tuple(int(v) for v in pair.split(":")) for pair in args.scales.split(",")]
     console = Console(width=None if sys.stdout.isatty() else 120)
 
-    work = Path(tempfile.mkdtemp(prefix="abstream-bench-results-"))
-    bport, cport, gport = free_port(), free_port(), free_port()
-    settings = Settings.from_env(
-        kafka_bootstrap_servers=f"127.0.0.1:{bport}", clickhouse_url=f"http://default:@127.0.0.1:{cport}",
-        kafka_topic_prefix=f"bench{uuid.uuid4().hex[:6]}.", log_level="WARNING", admin_token="",
-        data_dir=str(work), gateway_port=gport,
-    )  # fmt: skip
-    env = settings.as_env()
-    base = f"http://127.0.0.1:{gport}"
-    with ExitStack() as stack:
-        broker = Child("broker", abstream_argv("broker", "--port", str(bport)), f"127.0.0.1:{bport}",
-                       lambda: port_open("127.0.0.1", bport), log_path=work / "broker.log")  # fmt: skip
-        ch = Child("clickhouse", abstream_argv("clickhouse-local", "--port", str(cport), "--path", str(work / "ch")),
-                   f"http://127.0.0.1:{cport}/ping", lambda: http_ok(f"http://127.0.0.1:{cport}/ping"),
-                   log_path=work / "clickhouse.log")  # fmt: skip
-        for c in (broker, ch):
-            c.start(env)
-            stack.callback(c.stop)
-            wait_healthy(c, 60)
-        migrate(settings, log=False)
-        gw = Child("gateway", abstream_argv("gateway", "--port", str(gport)), base,
-                   lambda: http_ok(f"{base}/health/ready"), log_path=work / "gateway.log")  # fmt: skip
-        gw.start(env)
-        stack.callback(gw.stop)
-        wait_healthy(gw, 60)
-
+    with rollup_stack("results") as (settings, base):
         client = ch_client(settings)
         http = httpx.Client(base_url=base, timeout=30)
         experiments = []
