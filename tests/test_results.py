@@ -200,3 +200,46 @@ def _env() -> dict[str, str]:
     import os
 
     return dict(os.environ)
+
+
+def test_an_edit_of_the_analysis_rules_recomputes_the_rollups(stack: tuple[Settings, str]) -> None:
+    """PATCH adds a ratio metric and an exposure event to a running experiment: the workers re-read the registry,
+    re-contribute its users, and the rollups equal the from-scratch recomputation under the new rules."""
+    settings, base = stack
+    r = httpx.post(f"{base}/apiv1/ab-tests", json={
+        "test_name": f"edit {uuid.uuid4().hex[:6]}",
+        "variants": [{"variant_name": "a"}, {"variant_name": "b"}],
+        "metrics": [{"key": "views", "type": "count", "event": "page_view"},
+                    {"key": "buys", "type": "count", "event": "purchase"}],
+    }, timeout=15)  # fmt: skip
+    assert r.status_code == 201, r.text
+    test_id = r.json()["id"]
+    now = datetime.now(UTC)
+    users = [f"e-{i}-{uuid.uuid4().hex[:6]}" for i in range(12)]
+    for i, user in enumerate(users):
+        assert httpx.post(f"{base}/apiv1/ab-tests/{test_id}/assign", json={"user_id": user}).status_code == 200
+        names = ["page_view", "purchase"] + (["checkout_seen", "purchase"] if i % 2 else [])
+        send(base, user, names, now)
+    count_sql = ("SELECT sum(event_count) FROM experiment_source_rollups WHERE experiment_id = {e:UInt32} "
+                 "AND name = 'purchase'")  # fmt: skip
+    wait_for(lambda: rows(settings, count_sql, e=test_id)[0][0] == 18, timeout=60, what="purchases")
+    patch = {"metrics": [{"key": "views", "type": "count", "event": "page_view"},
+                         {"key": "buys", "type": "count", "event": "purchase"},
+                         {"key": "buys_per_view", "type": "ratio", "numerator": "buys", "denominator": "views"}],
+             "exposure_event": "checkout_seen"}  # fmt: skip
+    r = httpx.patch(f"{base}/apiv1/ab-tests/{test_id}", json=patch, timeout=15)
+    assert r.status_code == 200, r.text
+    # exposed now: only the six users with checkout_seen, counting their purchase after it (one each)
+    exposed_sql = "SELECT sum(exposed_users) FROM experiment_exposed WHERE experiment_id = {e:UInt32}"
+    wait_for(lambda: rows(settings, exposed_sql, e=test_id)[0][0] == 6, timeout=60, what="the new exposure rule")
+    wait_for(lambda: rows(settings, count_sql, e=test_id)[0][0] == 6, timeout=30, what="purchases after exposure")
+    ratio_sql = "SELECT sum(sum_x), sum(sum_y) FROM experiment_ratio_rollups WHERE experiment_id = {e:UInt32}"
+    wait_for(lambda: rows(settings, ratio_sql, e=test_id) == [(6.0, 0.0)], timeout=30, what="the ratio rollups")
+    body = httpx.get(f"{base}/apiv1/ab-tests/{test_id}/results", timeout=15).json()
+    assert body["exposure"] == {
+        "rule": "exposure_event",
+        "event": "checkout_seen",
+        "description": "users count from their first 'checkout_seen' event after assignment",
+    }
+    assert [m["key"] for m in body["metrics"]] == ["views", "buys", "buys_per_view"]
+    assert_verify_clean(settings)

@@ -210,3 +210,27 @@ def test_last_active_day_counts_each_user_once_on_their_latest_day() -> None:
     user = _user([_event(1, "open", T0 - 3 * DAY, False), _event(2, "open", T0, True)])
     out = contribution(user, Funnels([]))
     assert [(k, v) for k, v in out.items() if k[0] == "l"] == [(("l", T0 // DAY), [1])]
+
+
+def test_a_re_enriched_event_moves_the_user_into_the_variants_funnel() -> None:
+    """An assignment that reaches the worker after events received later than it re-enriches them (the pipeline
+    uncounts each event and counts it again with the new attribution): the user enters the variant's funnel,
+    while the all-users funnel, which does not depend on attribution, stays as it was."""
+    from schemas.experiments import Funnel
+
+    funnels = Funnels([Funnel(key="f", name="f", steps=["open", "start"], conversion_window_seconds=3600)])
+    user = _user([])
+    events = [_event(1, "open", T0 + 1000, False), _event(2, "start", T0 + 2000, False)]
+    for ev in events:
+        user.add_event(ev, funnels)
+    before = contribution(user, funnels)
+    assert not [k for k in before if k[:3] == ("f", "f", 3)]
+    for ev in events:  # what Pipeline._on_assignment does for each event it re-enriches
+        user.add_event(ev, funnels, -1)
+        ev.attribution = ((3, 3001),)
+        user.add_event(ev, funnels, +1)
+    after = contribution(user, funnels)
+    assert {k[4] for k in after if k[:4] == ("f", "f", 3, 3001)} == {1, 2}
+    assert {k: v for k, v in after.items() if k[:3] == ("f", "f", 0)} == {
+        k: v for k, v in before.items() if k[:3] == ("f", "f", 0)
+    }
