@@ -47,14 +47,20 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
+    from gateway.auth import check_exposure
     from gateway.server import serve
 
-    serve(_settings(args, gateway_port=args.port, gateway_host=args.host, gateway_workers=args.workers))
+    settings = _settings(args, gateway_port=args.port, gateway_host=args.host, gateway_workers=args.workers)
+    refusal = check_exposure(settings)
+    if refusal:
+        print(f"abstream gateway: {refusal}", file=sys.stderr)
+        return 2
+    serve(settings)
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from stream_workers.app import run
+    from stream_workers.main import run
 
     run(_settings(args), web_port=args.web_port)
     return 0

@@ -92,15 +92,17 @@ def _p(value: float | None) -> str:
     return "<0.0001" if value < 1e-4 else f"{value:.4f}"
 
 
-def interval_bar(low: float | None, high: float | None, point: float | None, lo: float, hi: float) -> Text:
+def interval_bar(
+    low: float | None, high: float | None, point: float | None, lo: float, hi: float, width: int = BAR_WIDTH
+) -> Text:
     """[low, high] drawn on the scale lo..hi (which includes 0), the estimate as ●, zero as │."""
     if low is None or high is None or point is None or hi <= lo:
-        return Text("·" * BAR_WIDTH, style="dim")
+        return Text("·" * width, style="dim")
 
     def at(x: float) -> int:
-        return max(0, min(BAR_WIDTH - 1, round((x - lo) / (hi - lo) * (BAR_WIDTH - 1))))
+        return max(0, min(width - 1, round((x - lo) / (hi - lo) * (width - 1))))
 
-    cells = [" "] * BAR_WIDTH
+    cells = [" "] * width
     for i in range(at(low), at(high) + 1):
         cells[i] = "━"
     cells[at(0.0)] = "│"
@@ -154,31 +156,41 @@ def _render_metric(metric: dict[str, Any], body: dict[str, Any], console: Consol
     pad = (hi - lo) * 0.05 or 1.0
     lo, hi = lo - pad, hi + pad
     kind = "rate" if metric["type"] == "proportion" else "ratio" if metric["type"] == "ratio" else "mean"
+    # a narrow terminal (80 columns) keeps the interval readable and drops the Holm and CUPED columns
+    wide = console.width >= 120
+    bar = BAR_WIDTH if wide else max(12, min(BAR_WIDTH, console.width - 62))
     table = Table(title=f"{metric['name']}  [{metric['type']}]", title_justify="left", expand=False)
-    for header, justify in (("variant", "left"), ("users", "right"), (kind, "right"), ("lift", "right"),
-                            (f"{body['level']:.0%} interval  (│ = 0)", "left"), ("p", "right"),
-                            ("p Holm", "right"), ("P(win)", "right"), ("CUPED lift", "right")):  # fmt: skip
-        table.add_column(header, justify=justify)  # type: ignore[arg-type]
+    columns = [("variant", "left"), ("users", "right"), (kind, "right"), ("lift", "right"),
+               (f"{body['level']:.0%} interval" + ("  (│ = 0)" if wide else ""), "left"), ("p", "right"),
+               ("p Holm", "right"), ("P(win)", "right"), ("CUPED lift", "right")]  # fmt: skip
+    keep = [i for i, (header, _) in enumerate(columns) if wide or header not in ("p Holm", "CUPED lift")]
+    for i in keep:
+        header, justify = columns[i]
+        table.add_column(header, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+
+    def add_row(*cells: object) -> None:
+        table.add_row(*(cells[i] for i in keep))  # type: ignore[arg-type]
+
     for row, c in zip(rows, comparisons, strict=True):
         value = row.get("conversion_rate") if metric["type"] == "proportion" else row.get("mean")
         shown = _pct(value, 2).lstrip("+") if metric["type"] == "proportion" else _num(value)
-        name = f"{row['variant_key']}{' (control)' if row.get('is_control') else ''}"
+        name = f"{row['variant_key']}{(' (control)' if wide else '*') if row.get('is_control') else ''}"
         if not c:
-            table.add_row(name, f"{row['exposed_users']:,}", shown, "", "", "", "", "", "")
+            add_row(name, f"{row['exposed_users']:,}", shown, "", "", "", "", "", "")
             continue
         if c.get("reason"):
-            reason = c["reason"].get("message") or c["reason"].get("code")
-            table.add_row(name, f"{row['exposed_users']:,}", shown, Text(reason, style="dim"), "", "", "", "", "")
+            reason = c["reason"].get("code") if not wide else c["reason"].get("message") or c["reason"].get("code")
+            add_row(name, f"{row['exposed_users']:,}", shown, "", Text(reason, style="dim"), "", "", "", "")
             continue
         point, low, high = _lift(c)
         relative = c.get("relative_lift") is not None and (c.get("relative_ci") or {}).get("low") is not None
         cuped = c.get("cuped") or {}
         bayes = c.get("bayesian") or {}
         win = bayes.get("chance_to_beat_control")
-        table.add_row(
+        add_row(
             name, f"{row['exposed_users']:,}", shown,
             _pct(point) if relative else _num(point),
-            interval_bar(low, high, point, lo, hi),
+            interval_bar(low, high, point, lo, hi, bar),
             _p(c.get("p_value")), _p(c.get("p_value_holm")),
             "–" if win is None else f"{win:.0%}",
             _pct(cuped.get("relative_lift")) if cuped.get("relative_lift") is not None else "–",

@@ -14,10 +14,12 @@ from gateway.endpoints import Endpoint
 from gateway.http import JSONResponse, note_user, read_json
 from gateway.ingest import ingest_apiv1_batch, ingest_apiv1_one, ingest_track
 from gateway.publisher import KafkaUnavailable
+from gateway.query import parse_query
 from gateway.results import experiment_results, parse_level
+from schemas.ab_tests import ABAssignRequest, ABAssignResponse, ABTestCreate, ABTestOut
 from schemas.errors import ApiError, ErrorResponse, validation_failed
 from schemas.events import ApiV1Event, ApiV1EventBatch, IngestResponse, TrackRequest
-from schemas.experiments import ABAssignRequest, ABAssignResponse, ABTestCreate, ABTestOut
+from schemas.metrics import ResultsQuery
 from schemas.names import KEY_PATTERN
 from schemas.registry import ExperimentEdit
 from schemas.results import ExperimentResults
@@ -127,10 +129,9 @@ async def edit_test(request: Request) -> Response:
 
 async def get_results(request: Request) -> Response:
     core = _core(request)
+    query = parse_query(ResultsQuery, request.query_params)
     experiment = core.experiment_by_ref(request.path_params["test_id"])
-    level = parse_level(request.query_params.get("level"))
-    metric = request.query_params.get("metric") or None
-    return JSONResponse(await experiment_results(core.rollups, experiment, level, metric))
+    return JSONResponse(await experiment_results(core.rollups, experiment, parse_level(query.level), query.metric))
 
 
 TEST_REF = {"oneOf": [{"type": "integer"}, {"type": "string", "pattern": KEY_PATTERN}],

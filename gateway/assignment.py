@@ -25,26 +25,15 @@ from typing import Any
 import orjson
 
 from abstream.config import REPO_ROOT
+from schemas.ab_tests import ABAssignResponse
+from schemas.assignment import AssignmentEntry, AssignmentRequest, AssignmentResponse
+from schemas.assignment_record import AssignmentRecord
+from schemas.buckets import BUCKETS, bucket_bounds, bucket_counts
 from schemas.errors import ApiError
-from schemas.experiments import (
-    BUCKETS,
-    ABAssignResponse,
-    AssignmentEntry,
-    AssignmentRecord,
-    AssignmentRequest,
-    AssignmentResponse,
-    Experiment,
-    InvalidVersionString,
-    Platform,
-    Status,
-    Surface,
-    Targeting,
-    Variant,
-    bucket_bounds,
-    bucket_counts,
-    compare_versions,
-    load_manifest,
-)
+from schemas.experiments import Experiment, Status, Targeting, Variant, load_manifest
+from schemas.fields import Platform, Surface
+from schemas.registry import assignment_version
+from schemas.versions import InvalidVersionString, compare_versions
 
 __all__ = [
     "BUCKETS",
@@ -300,16 +289,6 @@ def merged_config(experiments: Iterable[Experiment], chosen: Mapping[str, Varian
 # --------------------------------------------------------------------------------------------------
 # Registry version
 # --------------------------------------------------------------------------------------------------
-
-
-def assignment_version(experiments: Iterable[Experiment]) -> str:
-    """16 lowercase hex chars: SHA-256 of the experiments' canonical JSON (sorted by id, sorted keys).
-
-    Changes with any change to the set or the content of experiments; equal on every replica holding
-    equal experiments, whatever order they were loaded in.
-    """
-    dumped = sorted((e.model_dump(mode="json") for e in experiments), key=lambda d: d["id"])
-    return sha256(orjson.dumps(dumped, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------------

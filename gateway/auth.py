@@ -4,6 +4,7 @@ token (the protected /v1/metrics endpoints). They are separate secrets: neither 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 
 from starlette.requests import Request
 
@@ -46,3 +47,24 @@ def require_metrics(request: Request, settings: Settings) -> None:
         raise ApiError(403, "metrics_token_not_configured", "the metrics API is off: ABSTREAM_METRICS_TOKEN is not set")
     if not hmac.compare_digest(token.strip().encode(), expected.encode()):
         raise ApiError(403, "forbidden", "the bearer token is not valid for the metrics API")
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: reachable from this machine only."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def check_exposure(settings: Settings) -> str | None:
+    """Why the gateway must not start as configured, or None: bound off loopback with no ABSTREAM_ADMIN_TOKEN,
+    anyone who reaches the port could create and change experiments."""
+    if settings.admin_token or is_loopback(settings.gateway_host):
+        return None
+    return (
+        f"the gateway would listen on {settings.gateway_host} (off loopback) with no ABSTREAM_ADMIN_TOKEN, leaving "
+        "experiment changes open to the network: set ABSTREAM_ADMIN_TOKEN, or bind 127.0.0.1"
+    )

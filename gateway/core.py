@@ -21,12 +21,16 @@ from starlette.responses import Response
 
 from abstream.config import TOPIC_ASSIGNMENTS, TOPIC_EVENTS, TOPIC_REJECTED, Settings
 from gateway.assignment import ab_assign_response, assign, decide, record_for
-from gateway.ingest import DedupCache, IngestResult, refused_request
+from gateway.dedup import DedupCache
+from gateway.ingest import IngestResult
 from gateway.publisher import KafkaUnavailable, Message, Publisher
+from gateway.records import refused_request
 from gateway.registry import Registry
 from gateway.results import RollupReader
+from schemas.ab_tests import ABAssignRequest
+from schemas.assignment import AssignmentRequest
 from schemas.errors import ApiError, validation_failed
-from schemas.experiments import ABAssignRequest, AssignmentRequest, Experiment
+from schemas.experiments import Experiment
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from abstream.config import Settings
-from gateway.ingest import decode_body
+from gateway.body import decode_body
 from schemas.errors import ApiError
 
 log = logging.getLogger("abstream.gateway")
@@ -52,7 +52,7 @@ async def read_json(request: Request, settings: Settings, *, per_event: bool = F
     """The request body as JSON, refusing oversize bodies before reading them all (413).
 
     ``per_event``: an ingestion body, whose numbers no 64-bit reader keeps (an integer beyond 64 bits, 1e999)
-    are left for each event's validation to reject (see :func:`gateway.ingest.decode_body`) instead of refusing
+    are left for each event's validation to reject (see :func:`gateway.body.decode_body`) instead of refusing
     the whole request. A refusal carries the body for its dead letter (``ApiError.sent``).
     """
     try:

@@ -21,15 +21,12 @@ from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
-from starlette.datastructures import QueryParams
-
 from abstream.clickhouse import describe_failure
 from abstream.stats.proportions import compare_rates, rate
-from gateway.results import RollupReader, compute_results, fetch_rollups, parse_level
-from schemas.errors import ApiError, field_path
+from gateway.results import RollupReader, compute_results, fetch_rollups
+from schemas.errors import ApiError
 from schemas.experiments import Experiment, Funnel, Status, load_manifest
-from schemas.metrics import DEFAULT_DAILY_SPAN_DAYS, DailyQuery
+from schemas.metrics import DEFAULT_DAILY_SPAN_DAYS, FIRST_DAY, MAX_DAILY_SPAN_DAYS, DailyQuery, parse_day
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +50,8 @@ SELECT 'exposed', experiment_id, phase, variant_id, [toFloat64(sum(users))]
 FROM experiment_exposed_by_partition FINAL WHERE experiment_id IN {ids:Array(UInt32)}
 GROUP BY experiment_id, phase, variant_id
 UNION ALL
-SELECT 'fresh', 0, 0, 0, [toFloat64(ifNull(toUnixTimestamp64Milli(max(watermark)), -1)),
-                          toFloat64(ifNull(toUnixTimestamp64Milli(max(run_at)), -1))]
+SELECT 'fresh', 0, 0, 0, [toFloat64(if(count() = 0, -1, ifNull(toUnixTimestamp64Milli(max(watermark)), -1))),
+                          toFloat64(if(count() = 0, -1, toUnixTimestamp64Milli(max(run_at))))]
 FROM (SELECT watermark, run_at FROM rollup_runs ORDER BY run_at DESC LIMIT 500)
 """
 
@@ -76,23 +73,6 @@ FROM funnel_rollups_by_partition FINAL
 WHERE funnel_key IN {funnels:Array(String)} AND experiment_id IN {ids:Array(UInt32)}
 GROUP BY funnel_key, experiment_id, variant_id, step
 """
-
-
-def parse_query(model: type[BaseModel], params: QueryParams) -> Any:
-    """The query string as ``model``: 400 ``invalid_parameter`` naming each bad or unknown parameter."""
-    items = params.multi_items()
-    repeated = sorted({k for k, _ in items if sum(1 for k2, _ in items if k2 == k) > 1})
-    details = [{"field": k, "code": "repeated_parameter", "message": f"{k} given more than once"} for k in repeated]
-    if not details:
-        try:
-            return model.model_validate(dict(items))
-        except ValidationError as exc:
-            details = [
-                {"field": field_path(err["loc"]) if err["loc"] else "query", "code": err["type"], "message": err["msg"]}
-                for err in exc.errors(include_url=False, include_input=False)
-            ]
-    names = ", ".join(d["field"] for d in details)
-    raise ApiError(400, "invalid_parameter", f"invalid query parameter(s): {names}", details)
 
 
 def _unavailable(settings: Any, exc: BaseException) -> ApiError:
@@ -174,12 +154,24 @@ async def summary(reader: RollupReader, experiments: Sequence[Experiment]) -> di
 # ---- daily ----------------------------------------------------------------------------------------------------
 
 
+def _bad(field: str, code: str, message: str) -> ApiError:
+    return ApiError(400, "invalid_parameter", message, [{"field": field, "code": code, "message": message}])
+
+
 async def daily(reader: RollupReader, query: DailyQuery) -> dict[str, Any]:
-    to = query.to or _today()
-    start = query.from_ or to - timedelta(days=DEFAULT_DAILY_SPAN_DAYS - 1)
-    if start > to:  # only `to` given, earlier than the default start: the default span before it
-        raise ApiError(400, "invalid_parameter", "from is after to",
-                       [{"field": "from", "code": "invalid_range", "message": "from is after to"}])  # fmt: skip
+    try:
+        to = parse_day(query.to, "to") or _today()
+        start = parse_day(query.from_, "from")
+    except ValueError as exc:
+        name = str(exc).split(" ", 1)[0]
+        raise _bad(name, "invalid_date", str(exc)) from None
+    if start is None:
+        start = max(FIRST_DAY, to - timedelta(days=DEFAULT_DAILY_SPAN_DAYS - 1))
+    if start > to:
+        raise _bad("from", "invalid_range", f"from ({start}) is after to ({to})")
+    if (to - start).days + 1 > MAX_DAILY_SPAN_DAYS:
+        raise _bad("from", "range_too_long", f"at most {MAX_DAILY_SPAN_DAYS} days from `from` to `to` "
+                   f"(`to` defaults to today): {start}..{to} is {(to - start).days + 1}")  # fmt: skip
     platform = None if query.platform is None else ("" if query.platform == "unknown" else query.platform)
     rows = await _query(reader, DAILY_SQL, {
         "from": start, "to": to, "event_name": query.event_name, "platform": platform,
@@ -285,4 +277,4 @@ async def funnels(
     return {"funnels": out}
 
 
-__all__ = ["daily", "experiments_metrics", "funnels", "manifest_funnels", "parse_level", "parse_query", "summary"]
+__all__ = ["daily", "experiments_metrics", "funnels", "manifest_funnels", "summary"]

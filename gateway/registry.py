@@ -22,7 +22,6 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import orjson
@@ -30,11 +29,12 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from abstream.config import TOPIC_EXPERIMENTS, Settings
-from gateway.assignment import assignment_version, check_edit
+from gateway.assignment import check_edit
 from gateway.publisher import KafkaUnavailable, Publisher
+from schemas.ab_tests import ABTestCreate
 from schemas.errors import ApiError
-from schemas.experiments import ABTestCreate, Experiment, Manifest, Status, load_manifest
-from schemas.registry import RegistryRecord
+from schemas.experiments import Experiment, Manifest, load_manifest
+from schemas.registry import RegistryRecord, RegistryState
 
 log = logging.getLogger(__name__)
 
@@ -45,54 +45,6 @@ class RegistryStartupError(RuntimeError):
 
 def manifest_sha(experiment: Experiment) -> str:
     return hashlib.sha256(orjson.dumps(experiment.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)).hexdigest()
-
-
-@dataclass
-class RegistryState:
-    """The pure fold of the `experiments` topic. Same records in the same order: same state, everywhere."""
-
-    def __init__(self) -> None:
-        self.records: dict[str, RegistryRecord] = {}
-        self.key_by_id: dict[int, str] = {}
-        self.key_by_name: dict[str, str] = {}
-        self._refresh()
-
-    def apply(self, record: RegistryRecord) -> bool:
-        """Apply one record; return whether it changed the registry."""
-        exp = record.experiment
-        current = self.records.get(exp.key)
-        if record.op == "create":
-            if current is not None or exp.id in self.key_by_id or exp.name in self.key_by_name:
-                return False  # first writer wins
-        else:
-            if current is None or current.experiment.id != exp.id:
-                return False
-            owner = self.key_by_name.get(exp.name)
-            if owner is not None and owner != exp.key:
-                return False
-            self.key_by_name.pop(current.experiment.name, None)
-        self.records[exp.key] = record
-        self.key_by_id[exp.id] = exp.key
-        self.key_by_name[exp.name] = exp.key
-        self._refresh()
-        return True
-
-    def _refresh(self) -> None:
-        experiments = sorted((r.experiment for r in self.records.values()), key=lambda e: e.id)
-        self.experiments: list[Experiment] = experiments
-        self.live: list[Experiment] = [e for e in experiments if e.status is not Status.DRAFT]
-        self.version: str = assignment_version(experiments)
-
-    def by_id(self, experiment_id: int) -> Experiment | None:
-        key = self.key_by_id.get(experiment_id)
-        return self.records[key].experiment if key is not None else None
-
-    def by_key(self, key: str) -> Experiment | None:
-        record = self.records.get(key)
-        return record.experiment if record else None
-
-    def next_id(self) -> int:
-        return max(self.key_by_id, default=0) + 1
 
 
 class Registry:

@@ -28,7 +28,6 @@ from schemas.experiments import Experiment
 
 log = logging.getLogger(__name__)
 
-LEVELS = (0.90, 0.95, 0.99)
 
 ROLLUP_BRANCHES = {
     "x": """SELECT 'x' AS kind, experiment_id, phase, variant_id, '' AS source, '' AS name,
@@ -37,7 +36,8 @@ FROM experiment_exposed_by_partition FINAL WHERE experiment_id IN {ids:Array(UIn
 GROUP BY experiment_id, phase, variant_id""",
     "c": """SELECT 'c' AS kind, experiment_id, phase, variant_id, source, name,
        [toFloat64(sum(users_with_metric)), toFloat64(sum(event_count)), sum(sum_x), sum(sum_x2),
-        toFloat64(sum(users_with_pre)), sum(sum_y), sum(sum_y2), sum(sum_xy), toFloat64(sum(users_with_both))] AS stats
+        toFloat64(sum(users_with_pre)), sum(sum_y), sum(sum_y2), sum(sum_xy), toFloat64(sum(users_with_both)),
+        toFloat64(sum(users_nonzero))] AS stats
 FROM experiment_source_rollups_by_partition FINAL WHERE experiment_id IN {ids:Array(UInt32)}
 GROUP BY experiment_id, phase, variant_id, source, name""",
     "r": """SELECT 'r' AS kind, experiment_id, phase, variant_id, '' AS source, metric AS name,
@@ -45,18 +45,18 @@ GROUP BY experiment_id, phase, variant_id, source, name""",
 FROM experiment_ratio_rollups_by_partition FINAL WHERE experiment_id IN {ids:Array(UInt32)}
 GROUP BY experiment_id, phase, variant_id, metric""",
     "f": """SELECT 'f' AS kind, 0 AS experiment_id, 0 AS phase, 0 AS variant_id, '' AS source, '' AS name,
-       [toFloat64(ifNull(toUnixTimestamp64Milli(max(watermark)), -1)),
-        toFloat64(ifNull(toUnixTimestamp64Milli(max(run_at)), -1))] AS stats
+       [toFloat64(if(count() = 0, -1, ifNull(toUnixTimestamp64Milli(max(watermark)), -1))),
+        toFloat64(if(count() = 0, -1, toUnixTimestamp64Milli(max(run_at))))] AS stats
 FROM (SELECT watermark, run_at FROM rollup_runs ORDER BY run_at DESC LIMIT 500)""",
-    "d": """SELECT 'd' AS kind, experiment_id, 0 AS phase, variant_id, '' AS source, toString(day) AS name,
+    "d": """SELECT 'd' AS kind, experiment_id, phase, variant_id, '' AS source, toString(day) AS name,
        [toFloat64(sum(users))] AS stats
-FROM experiment_exposures_by_partition FINAL WHERE experiment_id IN {ids:Array(UInt32)}
-GROUP BY experiment_id, variant_id, day""",
+FROM experiment_exposed_daily_by_partition FINAL WHERE experiment_id IN {ids:Array(UInt32)}
+GROUP BY experiment_id, phase, variant_id, day""",
 }
 """What results read, as (kind, experiment_id, phase, variant_id, source, name, stats) rows: exposed users (x),
-per-source sums (c), ratio sums (r), the rollups' freshness (f) and, for the metrics API, users first assigned
-per variant and UTC day (d). All phases are read; the caller keeps the current one. A few rows per variant and
-source, whatever the number of events."""
+per-source sums (c), ratio sums (r), the rollups' freshness (f) and, for the metrics API, exposed users per
+variant and UTC day of their exposure (d). All phases are read; the caller keeps the current one. A few rows per
+variant and source, whatever the number of events."""
 
 
 def rollup_queries(kinds: Sequence[str]) -> list[str]:
@@ -68,7 +68,8 @@ def rollup_queries(kinds: Sequence[str]) -> list[str]:
 
 
 SourceRow = tuple[float, ...]
-"""users_with_metric, event_count, sum_x, sum_x2, users_with_pre, sum_y, sum_y2, sum_xy, users_with_both"""
+"""users_with_metric, event_count, sum_x, sum_x2, users_with_pre, sum_y, sum_y2, sum_xy, users_with_both,
+users_nonzero"""
 
 
 @dataclass
@@ -114,10 +115,10 @@ async def fetch_rollups(
             watermark, run_at = (int(v) for v in stats)
             fresh = Freshness(watermark if watermark >= 0 else None, run_at if run_at >= 0 else None)
             continue
+        if phases.get(experiment_id) != phase:
+            continue
         if kind == "d":
             out[experiment_id].by_day.setdefault(int(variant_id), []).append((name, int(stats[0])))
-            continue
-        if phases.get(experiment_id) != phase:
             continue
         target = out[experiment_id]
         if kind == "x":
@@ -162,21 +163,19 @@ class RollupReader:
             self._client = None
 
 
+LEVEL_VALUES = {"0.9": 0.90, "0.90": 0.90, "0.95": 0.95, "0.99": 0.99, "90": 0.90, "95": 0.95, "99": 0.99}
+
+
 def parse_level(value: str | None) -> float:
-    """The ``level`` query parameter: 0.90, 0.95 (default) or 0.99 (also as 90/95/99)."""
-    if value is None or value == "":
+    """The ``level`` parameter: 0.90, 0.95 (default) or 0.99, also written 90, 95, 99; nothing else."""
+    if value is None:
         return 0.95
-    try:
-        level = float(value)
-    except ValueError:
-        level = -1.0
-    if level > 1:
-        level /= 100
-    for allowed in LEVELS:
-        if abs(level - allowed) < 1e-9:
-            return allowed
-    message = f"level must be one of 0.90, 0.95, 0.99 (got {value!r})"
-    raise ApiError(400, "invalid_parameter", message, [{"field": "level", "code": "invalid_level", "message": message}])
+    level = LEVEL_VALUES.get(value)
+    if level is None:
+        message = f"level must be one of 0.90, 0.95, 0.99 (or 90, 95, 99), got {value!r}"
+        raise ApiError(400, "invalid_parameter", message, [{"field": "level", "code": "invalid_level",
+                                                            "message": message}])  # fmt: skip
+    return level
 
 
 def _iso_ms(ms: int | None) -> str | None:
@@ -188,17 +187,19 @@ def _iso_ms(ms: int | None) -> str | None:
 
 def _moments(metric: MetricDefinition, variant_key: str, n: int, row: SourceRow | None, cuped: bool) -> VariantMoments:
     """A variant's sufficient statistics of one (non-ratio) metric's per-user value x (and covariate y)."""
-    wm, count, sx, sx2, wp, sy, sy2, sxy, wb = row or (0, 0, 0.0, 0.0, 0, 0.0, 0.0, 0.0, 0)
+    wm, count, sx, sx2, wp, sy, sy2, sxy, wb, nz = row or (0, 0, 0.0, 0.0, 0, 0.0, 0.0, 0.0, 0, 0)
     # the exposure and source rows of a partition are written one after the other: a reader between the two
     # can see a user's metric before the user's exposure, never the reverse for long; clamp to what is exposed
-    wm, wp, wb = min(int(wm), n), min(int(wp), n), min(int(wb), n)
+    wm, wp, wb, nz = min(int(wm), n), min(int(wp), n), min(int(wb), n), min(int(nz), n)
     if metric.type == "proportion":
+        with_metric = wm  # users with the source at least once: their x is 1
         x, x2, y, y2, xy = float(wm), float(wm), float(wp), float(wp), float(wb)
     else:
+        with_metric = nz  # users whose value is not 0 (a user who tracked 0.0 is not a conversion)
         x, x2, y, y2, xy = float(sx), float(sx2), float(sy), float(sy2), float(sxy)
     if not cuped:
-        return VariantMoments(variant_key, n, int(wm), x, x2)
-    return VariantMoments(variant_key, n, int(wm), x, x2, y, y2, xy)
+        return VariantMoments(variant_key, n, with_metric, x, x2)
+    return VariantMoments(variant_key, n, with_metric, x, x2, y, y2, xy)
 
 
 async def experiment_results(
@@ -222,12 +223,9 @@ def compute_results(
     t0 = time.perf_counter() if started is None else started
     exposed, sources, ratios = rollups.exposed, rollups.sources, rollups.ratios
     metrics = list(experiment.metrics) if experiment.metrics else _observed_defaults(sources)
-    if metric_key is not None:
-        chosen = [m for m in metrics if m.key == metric_key]
-        if not chosen:
-            known = ", ".join(m.key for m in metrics) or "none yet"
-            raise ApiError(404, "metric_not_found", f"no metric {metric_key!r} in this experiment (metrics: {known})")
-        metrics = chosen
+    if metric_key is not None and all(m.key != metric_key for m in metrics):
+        known = ", ".join(m.key for m in metrics) or "none yet"
+        raise ApiError(404, "metric_not_found", f"no metric {metric_key!r} in this experiment (metrics: {known})")
 
     control = experiment.control
     options = AnalysisOptions(level=level, sequential=experiment.sequential_testing)
@@ -263,7 +261,10 @@ def compute_results(
             "source": None if metric.type == "ratio" else {"kind": metric.source[0], "name": metric.source[1]},
             "numerator": metric.numerator, "denominator": metric.denominator, "variants": analysed,
         })  # fmt: skip
-    _holm(out_metrics)
+    _holm(out_metrics)  # across every metric, also when one is asked for: the adjustment must not depend on the view
+    comparisons = _count_p(out_metrics)
+    if metric_key is not None:
+        out_metrics = [m for m in out_metrics if m["key"] == metric_key]
 
     counts = [exposed.get(v.variant_id, 0) for v in experiment.variants]
     srm = srm_check(counts, [v.weight for v in experiment.variants])
@@ -287,7 +288,7 @@ def compute_results(
         "level": level,
         "sequential_testing": experiment.sequential_testing,
         "cuped_lookback_days": experiment.cuped_lookback_days,
-        "multiple_testing": {"method": "holm", "comparisons": _count_p(out_metrics)},
+        "multiple_testing": {"method": "holm", "comparisons": comparisons},
         "srm": srm,
         "data_freshness": {
             "latest_event_time": _iso_ms(fresh.watermark_ms),

@@ -25,6 +25,7 @@ from types import FrameType
 from typing import Any
 
 from abstream.config import Settings
+from abstream.lifetime import die_with_parent
 
 log = logging.getLogger("abstream.gateway")
 
@@ -70,8 +71,6 @@ def serve(settings: Settings) -> None:
 
 def _server_process(env: dict[str, str], index: int) -> None:
     """Entry point of one server process (spawned): its own SO_REUSEPORT socket, its own app."""
-    from abstream.devstack.broker import die_with_parent
-
     die_with_parent()
     os.setpgrp()  # a terminal's Ctrl-C reaches the supervisor only, which stops us once, gracefully
     import uvicorn

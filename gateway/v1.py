@@ -12,9 +12,11 @@ from gateway.core import GatewayCore, records_refusals
 from gateway.endpoints import Endpoint
 from gateway.http import JSONResponse, note_user, read_json
 from gateway.ingest import ingest_v1
+from gateway.query import parse_query
+from gateway.results import parse_level
+from schemas.assignment import AssignmentRequest, AssignmentResponse
 from schemas.errors import ApiError, ErrorResponse
 from schemas.events import IngestResponse, V1EventsRequest
-from schemas.experiments import AssignmentRequest, AssignmentResponse
 from schemas.metrics import (
     MAX_DAILY_SPAN_DAYS,
     Daily,
@@ -52,7 +54,7 @@ async def post_events(request: Request) -> Response:
 
 async def get_summary(request: Request) -> Response:
     core = _core(request)
-    metrics.parse_query(_NoQuery, request.query_params)
+    parse_query(_NoQuery, request.query_params)
     core.require_registry()
     return JSONResponse(await metrics.summary(core.rollups, core.registry.state.experiments))
 
@@ -60,15 +62,15 @@ async def get_summary(request: Request) -> Response:
 async def get_daily(request: Request) -> Response:
     core = _core(request)
     require_metrics(request, core.settings)
-    query = metrics.parse_query(DailyQuery, request.query_params)
+    query = parse_query(DailyQuery, request.query_params)
     return JSONResponse(await metrics.daily(core.rollups, query))
 
 
 async def get_experiments(request: Request) -> Response:
     core = _core(request)
     require_metrics(request, core.settings)
-    query = metrics.parse_query(ExperimentsQuery, request.query_params)
-    level = metrics.parse_level(query.level)
+    query = parse_query(ExperimentsQuery, request.query_params)
+    level = parse_level(query.level)
     core.require_registry()
     if query.experiment is not None:
         selected = [core.experiment_by_ref(query.experiment)]
@@ -80,7 +82,7 @@ async def get_experiments(request: Request) -> Response:
 async def get_funnels(request: Request) -> Response:
     core = _core(request)
     require_metrics(request, core.settings)
-    query = metrics.parse_query(FunnelsQuery, request.query_params)
+    query = parse_query(FunnelsQuery, request.query_params)
     defs = metrics.manifest_funnels(core.settings.manifest_path)
     if query.funnel is not None:
         defs = tuple(f for f in defs if f.key == query.funnel)

@@ -9,8 +9,7 @@ from __future__ import annotations
 from datetime import date
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.names import EVENT_NAME_PATTERN, KEY_PATTERN
 from schemas.results import ExperimentResults, Interval, Reason
@@ -30,30 +29,49 @@ class _Query(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
 
+DAY_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
+FIRST_DAY, LAST_DAY = date(1970, 1, 1), date(2149, 6, 6)
+"""The days a rollup can hold (ClickHouse Date)."""
+
+
+def parse_day(value: str | None, name: str) -> date | None:
+    """A YYYY-MM-DD query value as a date within FIRST_DAY..LAST_DAY; ValueError with a message otherwise."""
+    if value is None:
+        return None
+    try:
+        day = date.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{name} is not a calendar day (YYYY-MM-DD)") from None
+    if not FIRST_DAY <= day <= LAST_DAY:
+        raise ValueError(f"{name} must lie between {FIRST_DAY} and {LAST_DAY}")
+    return day
+
+
 class DailyQuery(_Query):
-    from_: date | None = Field(default=None, alias="from", description="First day (UTC, inclusive); default to-29")
-    to: date | None = Field(default=None, description="Last day (UTC, inclusive); default today")
+    """The range is checked once defaults are applied (gateway.metrics.daily): at most MAX_DAILY_SPAN_DAYS."""
+
+    from_: str | None = Field(default=None, alias="from", pattern=DAY_PATTERN,
+                              description="First UTC day, inclusive (YYYY-MM-DD); default to - 29")  # fmt: skip
+    to: str | None = Field(default=None, pattern=DAY_PATTERN, description="Last UTC day, inclusive; default today")
     event_name: str | None = Field(default=None, pattern=EVENT_NAME_PATTERN)
     platform: Literal["ios", "android", "unknown"] | None = Field(
         default=None, description="unknown: events sent without a platform"
     )
     app_version: str | None = Field(default=None, min_length=1, max_length=64)
 
-    @model_validator(mode="after")
-    def _range(self) -> DailyQuery:
-        if self.from_ is not None and self.to is not None:
-            if self.from_ > self.to:
-                raise PydanticCustomError("invalid_range", "from is after to")
-            if (self.to - self.from_).days + 1 > MAX_DAILY_SPAN_DAYS:
-                raise PydanticCustomError(
-                    "range_too_long", "at most {limit} days from `from` to `to`", {"limit": MAX_DAILY_SPAN_DAYS}
-                )
-        return self
+
+class ResultsQuery(_Query):
+    level: Literal["0.9", "0.90", "0.95", "0.99", "90", "95", "99"] | None = Field(
+        default=None, description="Confidence level (default 0.95)"
+    )
+    metric: str | None = Field(default=None, min_length=1, max_length=200, description="Only this metric (its key)")
 
 
 class ExperimentsQuery(_Query):
     experiment: str | None = ExperimentRef
-    level: str | None = Field(default=None, description="Confidence level: 0.90, 0.95 (default) or 0.99")
+    level: Literal["0.9", "0.90", "0.95", "0.99", "90", "95", "99"] | None = Field(
+        default=None, description="Confidence level (default 0.95)"
+    )
 
 
 class FunnelsQuery(_Query):
@@ -125,7 +143,9 @@ class VariantExposures(BaseModel):
     variant_id: int
     variant_key: str
     to_date: int = Field(description="Exposed users of the current phase")
-    by_day: list[ExposureDay] = Field(description="Users first assigned per UTC day")
+    by_day: list[ExposureDay] = Field(
+        description="Exposed users of the current phase per UTC day of their exposure (they add up to to_date)"
+    )
 
 
 class ExperimentMetrics(BaseModel):

@@ -491,7 +491,8 @@ DAILY_COLUMNS = ["day", "event_name", "platform", "app_version", "kafka_partitio
 EXPOSED_COLUMNS = ["experiment_id", "phase", "variant_id", "kafka_partition", "users", "version"]
 SOURCE_COLUMNS = ["experiment_id", "phase", "variant_id", "source", "name", "kafka_partition", "users_with_metric",
                   "event_count", "sum_x", "sum_x2", "users_with_pre", "sum_y", "sum_y2", "sum_xy", "users_with_both",
-                  "version"]  # fmt: skip
+                  "users_nonzero", "version"]  # fmt: skip
+EXPOSED_DAILY_COLUMNS = ["experiment_id", "phase", "variant_id", "day", "kafka_partition", "users", "version"]
 RATIO_COLUMNS = ["experiment_id", "phase", "variant_id", "metric", "kafka_partition", "sum_x", "sum_x2", "sum_y",
                  "sum_y2", "sum_xy", "version"]  # fmt: skip
 LAST_ACTIVE_COLUMNS = ["day", "kafka_partition", "users", "version"]
@@ -501,6 +502,7 @@ ROLLUP_TABLES = {
     "f": ("funnel_rollups_by_partition", FUNNEL_COLUMNS),
     "d": ("daily_metric_rollups_by_partition", DAILY_COLUMNS),
     "x": ("experiment_exposed_by_partition", EXPOSED_COLUMNS),
+    "xd": ("experiment_exposed_daily_by_partition", EXPOSED_DAILY_COLUMNS),
     "c": ("experiment_source_rollups_by_partition", SOURCE_COLUMNS),
     "r": ("experiment_ratio_rollups_by_partition", RATIO_COLUMNS),
     "l": ("user_last_active_by_partition", LAST_ACTIVE_COLUMNS),
@@ -524,9 +526,11 @@ def rollup_row(key: Key, stats: Stats, partition: int, version: int, funnels: Fu
         return [exp, variant, day, partition, int(stats[0]), version]
     if kind == "x":
         return [*key[1:], partition, int(stats[0]), version]
+    if kind == "xd":
+        return [*key[1:], partition, int(stats[0]), version]
     if kind == "c":
-        wm, count, sx, sx2, wp, sy, sy2, sxy, wb = stats
-        return [*key[1:], partition, int(wm), int(count), sx, sx2, int(wp), sy, sy2, sxy, int(wb), version]
+        wm, count, sx, sx2, wp, sy, sy2, sxy, wb, nz = stats
+        return [*key[1:], partition, int(wm), int(count), sx, sx2, int(wp), sy, sy2, sxy, int(wb), int(nz), version]
     if kind == "r":
         return [*key[1:], partition, *(float(v) for v in stats), version]
     if kind == "l":

@@ -49,8 +49,10 @@ ALL = "*"  # platform/app_version of the daily rows that total over all platform
 #              ("f", funnel, exp, variant, step) -> [users]
 #              ("d", day, event_name, platform, app_version) -> [events, unique_users]
 #              ("x", exp, phase, variant)       -> [exposed users]
+#              ("xd", exp, phase, variant, exposure day) -> [exposed users]
 #              ("c", exp, phase, variant, source, name) -> [users_with_metric, event_count, sum_x, sum_x2,
-#                                                   users_with_pre, sum_y, sum_y2, sum_xy, users_with_both]
+#                                                   users_with_pre, sum_y, sum_y2, sum_xy, users_with_both,
+#                                                   users_nonzero]
 #              ("r", exp, phase, variant, ratio metric key) -> [sum_x, sum_x2, sum_y, sum_y2, sum_xy]
 #              ("l", day)                       -> [users whose latest event is on that day]
 Key = tuple[Any, ...]
@@ -297,6 +299,7 @@ def _cumulative(user: UserState, a: Assignment, rules: ExperimentRules, out: dic
                     _add(x, (src, name), 1, value)
     phase = a.phase
     out[("x", exp_id, phase, variant_id)] = [1]
+    out[("xd", exp_id, phase, variant_id, exposed_at // MS_PER_DAY)] = [1]
     # y per source: the lookback days before the exposure day, less what x counts on those days
     y: dict[tuple[int, str], list[float]] = {}
     if rules.lookback_days > 0:
@@ -318,7 +321,7 @@ def _cumulative(user: UserState, a: Assignment, rules: ExperimentRules, out: dic
         if src:  # tracked values: float sums
             xv, yv = float(xv), float(yv)
         out[("c", exp_id, phase, variant_id, "tracked" if src else "event", name)] = [
-            int(xc > 0), xc, xv, xv * xv, int(yc > 0), yv, yv * yv, xv * yv, int(xc > 0 and yc > 0)
+            int(xc > 0), xc, xv, xv * xv, int(yc > 0), yv, yv * yv, xv * yv, int(xc > 0 and yc > 0), int(xv != 0)
         ]  # fmt: skip
     for ratio in rules.ratios:
         num = _part_value(ratio.numerator, exp_id, x)

@@ -33,20 +33,24 @@ ACTUAL_QUERIES = {
     "FROM daily_metric_rollups_by_partition FINAL GROUP BY day, event_name, platform, app_version",
     "x": "SELECT experiment_id, phase, variant_id, sum(users) FROM experiment_exposed_by_partition FINAL "
     "GROUP BY experiment_id, phase, variant_id",
+    "xd": "SELECT experiment_id, phase, variant_id, day, sum(users) FROM experiment_exposed_daily_by_partition FINAL "
+    "GROUP BY experiment_id, phase, variant_id, day",
     "c": "SELECT experiment_id, phase, variant_id, source, name, sum(users_with_metric), sum(event_count), "
-    "sum(sum_x), sum(sum_x2), sum(users_with_pre), sum(sum_y), sum(sum_y2), sum(sum_xy), sum(users_with_both) "
+    "sum(sum_x), sum(sum_x2), sum(users_with_pre), sum(sum_y), sum(sum_y2), sum(sum_xy), sum(users_with_both), "
+    "sum(users_nonzero) "
     "FROM experiment_source_rollups_by_partition FINAL GROUP BY experiment_id, phase, variant_id, source, name",
     "r": "SELECT experiment_id, phase, variant_id, metric, sum(sum_x), sum(sum_x2), sum(sum_y), sum(sum_y2), "
     "sum(sum_xy) FROM experiment_ratio_rollups_by_partition FINAL GROUP BY experiment_id, phase, variant_id, metric",
     "l": "SELECT day, sum(users) FROM user_last_active_by_partition FINAL GROUP BY day",
 }
-KEY_WIDTH = {"m": 4, "e": 3, "f": 4, "d": 4, "x": 3, "c": 5, "r": 4, "l": 1}
+KEY_WIDTH = {"m": 4, "e": 3, "f": 4, "d": 4, "x": 3, "xd": 4, "c": 5, "r": 4, "l": 1}
 NAMES = {
     "m": "experiment_metric_rollups",
     "e": "experiment_exposures",
     "f": "funnel_rollups",
     "d": "daily_metric_rollups",
     "x": "experiment_exposed",
+    "xd": "experiment_exposed_daily",
     "c": "experiment_source_rollups",
     "r": "experiment_ratio_rollups",
     "l": "user_last_active",

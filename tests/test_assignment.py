@@ -30,8 +30,10 @@ from gateway.assignment import (
     deep_merge,
     merged_config,
 )
+from schemas.assignment import AssignmentRequest
+from schemas.assignment_record import AssignmentRecord
 from schemas.errors import ApiError
-from schemas.experiments import AssignmentRecord, AssignmentRequest, Experiment, Status, Targeting, load_manifest
+from schemas.experiments import Experiment, Status, Targeting, load_manifest
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 VECTORS = json.loads((REPO_ROOT / "schemas" / "hash_vectors.json").read_text(encoding="utf-8"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import ipaddress
 import json
 import os
 import shutil
@@ -25,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 import clickhouse_connect
 import httpx
@@ -33,7 +36,8 @@ import pytest
 import zstandard
 from clickhouse_connect.driver.exceptions import DatabaseError
 
-from abstream.devstack.clickhouse_local import output_format, split_insert
+from abstream.devstack.clickhouse_auth import is_loopback
+from abstream.devstack.clickhouse_sql import output_format, split_insert
 
 REPO = Path(__file__).resolve().parent.parent
 MODULE = "abstream.devstack.clickhouse_local"
@@ -45,16 +49,17 @@ class Endpoint:
     port: int
     path: Path
     log: Path
+    host: str = "127.0.0.1"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def client(self, **kwargs: object) -> clickhouse_connect.driver.Client:
-        return clickhouse_connect.get_client(host="127.0.0.1", port=self.port, **kwargs)
+        return clickhouse_connect.get_client(host=self.host, port=self.port, **kwargs)
 
     async def async_client(self, **kwargs: object) -> clickhouse_connect.driver.AsyncClient:
-        return await clickhouse_connect.get_async_client(host="127.0.0.1", port=self.port, **kwargs)
+        return await clickhouse_connect.get_async_client(host=self.host, port=self.port, **kwargs)
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.proc.poll() is None:
@@ -66,25 +71,29 @@ class Endpoint:
             return self.proc.wait(timeout=10)
 
 
-def _free_port() -> int:
+def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
-def start_endpoint(path: Path, log: Path) -> Endpoint:
+def start_endpoint(path: Path, log: Path, *, host: str = "127.0.0.1", env: dict[str, str] | None = None) -> Endpoint:
     """Start `python -m abstream.devstack.clickhouse_local` and wait until /ping answers."""
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    port = _free_port(host)
+    env = {
+        **os.environ,
+        **(env or {}),
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", MODULE, "--host", "127.0.0.1", "--port", str(port), "--path", str(path)],
+            [sys.executable, "-m", MODULE, "--host", host, "--port", str(port), "--path", str(path)],
             cwd=REPO,
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    endpoint = Endpoint(proc, port, path, log)
+    endpoint = Endpoint(proc, port, path, log, host)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -640,3 +649,107 @@ def test_sql_heads_are_cut_where_clickhouse_cuts_them() -> None:
     assert output_format(b"SELECT format FROM t") is None
     assert output_format(b"SELECT * FROM format(JSONEachRow, '{}') -- FORMAT JSON") is None
     assert output_format(b"SELECT 'FORMAT JSON' AS s") is None
+
+
+# --- off loopback: CLICKHOUSE_URL's credentials, or no start --------------------------------------------
+
+USER = "abstream"
+PASSWORD = "pa:ss@w%rd"  # characters that must be percent-encoded in CLICKHOUSE_URL
+
+
+def _non_loopback_address() -> str | None:
+    """An IPv4 address of this machine off loopback (`hostname -I`) that can be bound, if any."""
+    try:
+        out = subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for candidate in out.split():
+        try:
+            address = ipaddress.ip_address(candidate)
+        except ValueError:
+            continue
+        if address.version != 4 or address.is_loopback:
+            continue
+        try:
+            with socket.socket() as sock:
+                sock.bind((candidate, 0))
+        except OSError:
+            continue
+        return candidate
+    return None
+
+
+def _is_authentication_failure(response: httpx.Response, user: str) -> bool:
+    return (
+        response.status_code == 403  # ClickHouse's exceptionCodeToHTTPStatus for AUTHENTICATION_FAILED
+        and response.headers["x-clickhouse-exception-code"] == "516"
+        and response.text.startswith(f"Code: 516. DB::Exception: {user}: Authentication failed")
+        and "(AUTHENTICATION_FAILED)" in response.text
+        and PASSWORD not in response.text
+    )
+
+
+def test_loopback_hosts() -> None:
+    for host in ("127.0.0.1", "127.3.2.1", "::1", "[::1]", "localhost", "LOCALHOST"):
+        assert is_loopback(host), host
+    for host in ("0.0.0.0", "::", "", "192.0.2.2", "fd00::2", "example.com", "::ffff:127.0.0.1"):
+        assert not is_loopback(host), host
+
+
+def test_off_loopback_requires_clickhouse_url_credentials(tmp_path: Path) -> None:
+    host = _non_loopback_address()
+    if host is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to bind")
+    url = f"http://{USER}:{quote(PASSWORD, safe='')}@{host}:8123"
+    endpoint = start_endpoint(tmp_path / "data", tmp_path / "endpoint.log", host=host, env={"CLICKHOUSE_URL": url})
+    try:
+
+        def query(**kwargs: Any) -> httpx.Response:
+            return httpx.post(f"{endpoint.url}/", content=b"SELECT 1", timeout=30, **kwargs)
+
+        assert httpx.get(f"{endpoint.url}/ping", timeout=5).text == "Ok.\n"  # health checks need no credentials
+        # today's dev/test client (default, no password) and wrong credentials, whichever way they come
+        assert _is_authentication_failure(query(), "default")
+        assert _is_authentication_failure(query(auth=(USER, "wrong")), USER)
+        assert _is_authentication_failure(query(auth=("default", PASSWORD)), "default")
+        assert _is_authentication_failure(query(headers={"X-ClickHouse-User": USER, "X-ClickHouse-Key": "x"}), USER)
+        assert _is_authentication_failure(query(params={"user": USER, "password": PASSWORD[:-1]}), USER)
+        mixed = query(headers={"X-ClickHouse-User": USER, "X-ClickHouse-Key": PASSWORD}, params={"user": USER})
+        assert mixed.status_code == 403 and "AUTHENTICATION_FAILED" in mixed.text
+        bearer = query(headers={"Authorization": "Bearer abc"})
+        assert bearer.status_code == 403 and "scheme is not supported" in bearer.text
+        with pytest.raises(DatabaseError, match="AUTHENTICATION_FAILED"):
+            endpoint.client(username=USER, password="wrong")
+
+        # the right user and password, each way ClickHouse reads them
+        assert query(auth=(USER, PASSWORD)).text == "1\n"
+        assert query(headers={"X-ClickHouse-User": USER, "X-ClickHouse-Key": PASSWORD}).text == "1\n"
+        assert query(params={"user": USER, "password": PASSWORD}).text == "1\n"
+        client = endpoint.client(username=USER, password=PASSWORD)  # HTTP Basic, as every abstream process sends
+        _event_table(client, "guarded")
+        client.insert("guarded", [[1, "u", "a", 1.0]], column_names=EVENT_COLUMNS)
+        assert client.command("SELECT count() FROM guarded") == 1
+        client.close()
+    finally:
+        code = endpoint.stop()
+    assert code == 0, endpoint.log.read_text()[-2000:]
+    assert f"user '{USER}'" in endpoint.log.read_text() and PASSWORD not in endpoint.log.read_text()
+
+
+@pytest.mark.parametrize("command", [["-m", MODULE], ["-m", "abstream.cli", "clickhouse-local"]])
+def test_off_loopback_without_password_refuses_to_start(tmp_path: Path, command: list[str]) -> None:
+    """Refused before anything is opened or bound, whatever the address: no need for a real interface."""
+    data = tmp_path / "data"
+    env = {**os.environ, "CLICKHOUSE_URL": "http://default:@127.0.0.1:8123"}
+    out = subprocess.run(
+        [sys.executable, *command, "--host", "0.0.0.0", "--port", str(_free_port()), "--path", str(data)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "CLICKHOUSE_URL" in lines[0] and "0.0.0.0" in lines[0], out.stderr
+    assert not data.exists()

@@ -1,13 +1,16 @@
 """docker-compose.yml, Dockerfile and Grafana provisioning agree with each other and with config.
 
 No Docker engine is needed: the files are parsed and cross-checked, so a renamed setting, a moved
-port or a mismatched password fails here instead of at the first ``docker compose up``.
+port or a mismatched password fails here instead of at the first ``docker compose up``. The ClickHouse init
+script that creates Grafana's read-only user is run with a stand-in clickhouse-client, and the SQL it would
+send is parsed by the test stack's ClickHouse.
 """
 
 from __future__ import annotations
 
 import re
 import shlex
+import subprocess
 import tomllib
 from dataclasses import fields
 from pathlib import Path
@@ -17,6 +20,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from abstream.clickhouse import client as ch_client
 from abstream.config import REPO_ROOT, Settings, settings_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,8 +38,11 @@ CLICKHOUSE_HTTP_PORT = 8123
 # hard-codes a password instead of using the variable shows up as a mismatch.
 HOST_ENV = {
     "ABSTREAM_ADMIN_TOKEN": "token-from-host",
+    "ABSTREAM_METRICS_TOKEN": "metrics-token-from-host",
     "CLICKHOUSE_PASSWORD": "clickhouse-pw-from-host",
     "GRAFANA_ADMIN_PASSWORD": "grafana-pw-from-host",
+    "GRAFANA_CLICKHOUSE_USER": "grafana_reader_from_host",
+    "GRAFANA_CLICKHOUSE_PASSWORD": "grafana-reader-pw-from-host",
 }
 
 SETTING_ENV_NAMES = {f.metadata["env"] for f in fields(Settings)}
@@ -173,12 +180,14 @@ def test_app_environment_names_are_real_settings(services: dict[str, Any]) -> No
 
 def test_app_environment_parses_into_settings(services: dict[str, Any]) -> None:
     env = env_of(services["gateway"])
-    for required in ("KAFKA_BOOTSTRAP_SERVERS", "CLICKHOUSE_URL", "CLICKHOUSE_DATABASE", "ABSTREAM_ADMIN_TOKEN"):
+    for required in ("KAFKA_BOOTSTRAP_SERVERS", "CLICKHOUSE_URL", "CLICKHOUSE_DATABASE", "ABSTREAM_ADMIN_TOKEN",
+                     "ABSTREAM_METRICS_TOKEN"):  # fmt: skip
         assert env.get(required), required
     settings = Settings.from_env(env)  # raises on a value config cannot parse
     assert settings.kafka_enable_idempotence is True, "real Kafka supports idempotent producers"
     assert settings.kafka_replication_factor == 1, "one broker holds one replica"
     assert settings.admin_token == HOST_ENV["ABSTREAM_ADMIN_TOKEN"]
+    assert settings.metrics_token == HOST_ENV["ABSTREAM_METRICS_TOKEN"] != settings.admin_token
 
 
 def test_secrets_have_no_default(compose: dict[str, Any]) -> None:
@@ -343,8 +352,11 @@ def test_grafana_datasource_agrees_with_clickhouse(services: dict[str, Any]) -> 
     assert data["host"] == "clickhouse" and data["host"] in services
     assert int(data["port"]) == CLICKHOUSE_HTTP_PORT and data["protocol"] == "http"
     assert data["defaultDatabase"] == ch_env["CLICKHOUSE_DB"] == env_of(services["gateway"])["CLICKHOUSE_DATABASE"]
-    assert data["username"] == ch_env["CLICKHOUSE_USER"]
-    assert ds["secureJsonData"]["password"] == ch_env["CLICKHOUSE_PASSWORD"]
+    # Grafana reads as the read-only user the ClickHouse init script creates, never as the writer or default.
+    assert data["username"] == ch_env["GRAFANA_CLICKHOUSE_USER"] == HOST_ENV["GRAFANA_CLICKHOUSE_USER"]
+    assert data["username"] not in (ch_env["CLICKHOUSE_USER"], "default")
+    assert ds["secureJsonData"]["password"] == ch_env["GRAFANA_CLICKHOUSE_PASSWORD"]
+    assert ds["secureJsonData"]["password"] == HOST_ENV["GRAFANA_CLICKHOUSE_PASSWORD"] != ch_env["CLICKHOUSE_PASSWORD"]
     assert ds.get("uid"), "dashboards reference the datasource by a stable uid"
     assert grafana_mounts(services).get("/etc/grafana/provisioning/datasources") == "./" + str(
         DATASOURCE.parent.relative_to(ROOT)
@@ -359,6 +371,101 @@ def test_grafana_dashboards_provider_points_at_the_mounted_repo_folder(services:
     assert path in mounts, f"{path} is not mounted into grafana: {mounts}"
     assert (ROOT / mounts[path]).is_dir()
     assert mounts.get("/etc/grafana/provisioning/dashboards") == "./" + str(DASHBOARD_PROVIDER.parent.relative_to(ROOT))
+
+
+# --- the read-only ClickHouse user of Grafana -------------------------------------------------------
+
+
+INITDB = "/docker-entrypoint-initdb.d"
+
+
+def initdb_scripts(services: dict[str, Any]) -> list[Path]:
+    """The scripts clickhouse-server's entrypoint runs on a fresh volume, from the mounted repo folder."""
+    mounts = [v.split(":") for v in services["clickhouse"]["volumes"] if v.split(":")[1] == INITDB]
+    assert len(mounts) == 1, f"mount a repo folder at {INITDB}"
+    source = ROOT / mounts[0][0]
+    assert mounts[0][0].startswith("./") and source.is_dir() and mounts[0][2:] == ["ro"]
+    return sorted(p for p in source.iterdir() if not p.name.startswith("."))
+
+
+def run_initdb_script(
+    script: Path, env: dict[str, str], tmp_path: Path, sourced: bool = False
+) -> tuple[subprocess.CompletedProcess[str], list[str], str]:
+    """Run ``script`` as the entrypoint would, with a stand-in clickhouse-client that records its arguments and
+    the SQL on its stdin: (process, arguments, SQL)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "clickhouse-client"
+    fake.write_text(f"#!/bin/bash\nprintf '%s\\n' \"$@\" > {tmp_path}/args\ncat > {tmp_path}/sql\n")
+    fake.chmod(0o755)
+    for name in ("args", "sql"):
+        (tmp_path / name).unlink(missing_ok=True)
+    # the image's entrypoint runs with `set -eo pipefail` and sources scripts that are not executable
+    command = f"set -eo pipefail; . {shlex.quote(str(script))}" if sourced else f"bash {shlex.quote(str(script))}"
+    proc = subprocess.run(
+        ["bash", "-c", command],
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    args = (tmp_path / "args").read_text().splitlines() if (tmp_path / "args").exists() else []
+    sql = (tmp_path / "sql").read_text() if (tmp_path / "sql").exists() else ""
+    return proc, args, sql
+
+
+def test_clickhouse_creates_the_grafana_reader_on_first_start(services: dict[str, Any]) -> None:
+    (script,) = initdb_scripts(services)
+    assert script.suffix == ".sh" and script.stat().st_mode & 0o111, "executable: the entrypoint runs it"
+    ch_env = env_of(services["clickhouse"])
+    assert ch_env["CLICKHOUSE_DEFAULT_ACCESS_MANAGEMENT"] == "1", "the writer may create users"
+    assert {"GRAFANA_CLICKHOUSE_USER", "GRAFANA_CLICKHOUSE_PASSWORD"} <= set(ch_env)
+    assert "fresh" in script.read_text().lower() and "fresh" in COMPOSE.read_text().lower(), "say when it runs"
+
+
+@pytest.mark.parametrize("sourced", [False, True], ids=["executed", "sourced"])
+def test_grafana_reader_is_read_only(
+    services: dict[str, Any], settings: Settings, tmp_path: Path, sourced: bool
+) -> None:
+    """The init script, run with the compose environment, creates a user with readonly = 1 that may only SELECT
+    on the abstream database, with the password exactly as given; its SQL parses on ClickHouse."""
+    (script,) = initdb_scripts(services)
+    ch_env = env_of(services["clickhouse"])
+    password = "it's a \\ tricky $pw `x`"
+    proc, args, sql = run_initdb_script(script, {**ch_env, "GRAFANA_CLICKHOUSE_PASSWORD": password}, tmp_path, sourced)
+    assert proc.returncode == 0, proc.stderr
+    user, db = ch_env["GRAFANA_CLICKHOUSE_USER"], ch_env["CLICKHOUSE_DB"]
+    assert args[args.index("--host") + 1] == "127.0.0.1"  # the entrypoint's temporary server
+    assert args[args.index("--user") + 1] == ch_env["CLICKHOUSE_USER"]
+    assert args[args.index("--password") + 1] == ch_env["CLICKHOUSE_PASSWORD"]
+    assert password not in " ".join(args), "the reader's password goes on stdin, not the command line"
+    statements = [" ".join(s.split()) for s in sql.split(";") if s.strip()]
+    profile, create, grant = statements
+    assert re.match(r"CREATE SETTINGS PROFILE OR REPLACE (\w+) SETTINGS readonly = 1,", profile)
+    assert re.search(r"max_execution_time = \d+ MIN \d+ MAX \d+ CHANGEABLE_IN_READONLY$", profile)
+    profile_name = profile.split()[5]
+    assert create.startswith(f"CREATE USER OR REPLACE {user} IDENTIFIED WITH sha256_password BY '")
+    assert create.endswith(f"' DEFAULT DATABASE {db} SETTINGS PROFILE {profile_name}")
+    assert grant == f"GRANT SELECT ON {db}.* TO {user}"
+    c = ch_client(settings, database=None)
+    try:
+        for statement in statements:
+            c.query(f"EXPLAIN AST {statement}")  # raises on a syntax error
+        literal = create[create.index(" BY ") + 4 : create.index(" DEFAULT DATABASE")]
+        assert c.query(f"SELECT {literal}").result_rows == [(password,)], "the password survives quoting"
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("name", ["abstream", "default", "grafana-reader", "1reader", "a b", "x;DROP"])
+def test_grafana_reader_needs_a_user_of_its_own(services: dict[str, Any], tmp_path: Path, name: str) -> None:
+    (script,) = initdb_scripts(services)
+    env = {**env_of(services["clickhouse"]), "GRAFANA_CLICKHOUSE_USER": name}
+    for sourced in (False, True):
+        proc, args, _ = run_initdb_script(script, env, tmp_path, sourced)
+        assert proc.returncode != 0 and not args, (name, sourced, proc.stdout)
+        assert "GRAFANA_CLICKHOUSE_USER" in proc.stderr
 
 
 # --- Dockerfile -------------------------------------------------------------------------------

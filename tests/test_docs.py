@@ -21,3 +21,10 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one() -> None:
     assert "scripts/test" in ci
     for script in ("scripts/dev", "scripts/test", "scripts/setup", ".ci/run"):
         assert Path(REPO_ROOT / script).stat().st_mode & 0o111, f"{script} must be executable"
+
+
+def test_readme_configuration_table_is_the_generated_one() -> None:
+    """README's table comes from Settings (`python -m abstream.config --readme` rewrites it)."""
+    from abstream.config import readme_table
+
+    assert readme_table() in README, "run: .venv/bin/python -m abstream.config --readme"

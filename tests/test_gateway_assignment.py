@@ -38,7 +38,7 @@ from scipy.stats import chi2_contingency, chisquare
 from abstream.config import REPO_ROOT, Settings
 from abstream.devstack.ports import free_port
 from abstream.devstack.supervisor import Child, abstream_argv, http_ok, wait_healthy
-from schemas.experiments import AssignmentRecord
+from schemas.assignment_record import AssignmentRecord
 from tests.stack import Infra, app_process, isolated_settings, log_dir
 
 JSON = {"content-type": "application/json"}

@@ -1,4 +1,5 @@
-"""Unit tests of the ingestion core (gateway/ingest.py, schemas/events.py): every rule at its boundaries.
+"""Unit tests of the ingestion core (gateway/ingest.py, body.py, rules.py, records.py, dedup.py; schemas/events.py):
+every rule at its boundaries.
 
 Pure: no broker, no ClickHouse, no clock (received_at is a fixed instant). The fuzz tests feed random JSON
 shapes and random bytes: the only outcomes allowed are an IngestResult or an ApiError.
@@ -18,18 +19,12 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-import gateway.ingest as ingest_mod
+import gateway.records as ingest_mod
 from abstream.config import Settings
-from gateway.ingest import (
-    DedupCache,
-    IngestResult,
-    decode_body,
-    ingest_apiv1_batch,
-    ingest_apiv1_one,
-    ingest_track,
-    ingest_v1,
-    refused_request,
-)
+from gateway.body import decode_body
+from gateway.dedup import DedupCache
+from gateway.ingest import IngestResult, ingest_apiv1_batch, ingest_apiv1_one, ingest_track, ingest_v1
+from gateway.records import refused_request
 from schemas.errors import ApiError
 from schemas.events import (
     RECORD_EVENT_KEYS,

@@ -14,24 +14,21 @@ import pytest
 from pydantic import ValidationError
 
 from abstream.config import REPO_ROOT, Settings
+from schemas.ab_tests import ABAssignRequest, ABTestCreate, ABTestOut, key_from_name
+from schemas.assignment import AssignmentRequest
+from schemas.assignment_record import AssignmentRecord
 from schemas.errors import validation_failed
 from schemas.experiments import (
-    EVENT_NAME_PATTERN,
     SCHEMA_PATH,
-    ABAssignRequest,
-    ABTestCreate,
-    ABTestOut,
-    AssignmentRecord,
-    AssignmentRequest,
     Experiment,
     Manifest,
     ManifestError,
     Status,
-    key_from_name,
     load_manifest,
     main,
     manifest_schema_text,
 )
+from schemas.names import EVENT_NAME_PATTERN
 
 TESTS_JSON = REPO_ROOT / "tests.json"
 

@@ -112,13 +112,29 @@ def test_metrics_endpoints_match_what_was_sent(metrics_stack: tuple[Settings, st
                     params={"platform": "android", "event_name": "app_open"}).json()  # fmt: skip
     assert {r["platform"] for r in only["rows"]} == {"android"} and only["totals"] is None
     assert sum(r["events"] for r in only["rows"]) == sum(1 for s in sent if s[2] == "android" and s[1] == "app_open")
-    for params, field in (({"from": "2026-13-01"}, "from"), ({"to": "yesterday"}, "to"), ({"platform": "web"},
-                          "platform"), ({"from": "2026-01-01", "to": "2026-12-01"}, "query"), ({"form": "x"}, "form"),
-                          ({"event_name": "bad name!"}, "event_name")):  # fmt: skip
+    cases = [
+        ({"from": "2026-13-01"}, "from"),
+        ({"to": "yesterday"}, "to"),
+        ({"platform": "web"}, "platform"),
+        ({"from": "2026-01-01", "to": "2026-12-01"}, "from"),
+        ({"form": "x"}, "form"),
+        ({"event_name": "bad name!"}, "event_name"),
+        ({"to": "0001-01-05"}, "to"),
+        ({"from": (today - timedelta(days=200)).isoformat()}, "from"),
+        ({"from": "2026-12-04T00:00:00Z"}, "from"),
+        ({"from": "2026-12-04", "to": "2026-12-03"}, "from"),
+        ([("to", "2026-12-01"), ("to", "2026-12-02")], "to"),
+    ]
+    for params, field in cases:  # fmt: skip
         r = http.get("/v1/metrics/daily", headers=auth(), params=params)
         assert r.status_code == 400, (params, r.text)
         assert r.json()["error"]["code"] == "invalid_parameter"
         assert field in {d["field"] for d in r.json()["error"]["details"]}, (params, r.json())
+
+    for params, field in (({"LEVEL": "0.99"}, "LEVEL"), ({"level": "0.950"}, "level"), ({"level": ""}, "level"),
+                          ([("metric", "a"), ("metric", "b")], "metric")):  # fmt: skip
+        r = http.get("/apiv1/ab-tests/4/results", params=params)
+        assert r.status_code == 400 and field in {d["field"] for d in r.json()["error"]["details"]}, (params, r.text)
 
     # --- experiments: exposures per variant to date and per day, each metric from the results core
     r = http.get("/v1/metrics/experiments", headers=auth(), params={"experiment": "exp_4_achievements_density"})

@@ -193,6 +193,10 @@ def test_results_match_scipy_and_statsmodels_on_the_raw_per_user_values(stack: t
     assert httpx.get(f"{base}/apiv1/ab-tests/{test_id}/results?metric=nope").status_code == 404
     one = httpx.get(f"{base}/apiv1/ab-tests/{test_id}/results?metric=views").json()
     assert [m["key"] for m in one["metrics"]] == ["views"]
+    full = {m["key"]: m for m in again["metrics"]}
+    holm = full["views"]["variants"][1]["vs_control"]["p_value_holm"]
+    assert one["metrics"][0]["variants"][1]["vs_control"]["p_value_holm"] == holm, "Holm does not depend on the view"
+    assert one["multiple_testing"] == again["multiple_testing"]
     assert_verify_clean(settings)
 
 
@@ -242,4 +246,9 @@ def test_an_edit_of_the_analysis_rules_recomputes_the_rollups(stack: tuple[Setti
         "description": "users count from their first 'checkout_seen' event after assignment",
     }
     assert [m["key"] for m in body["metrics"]] == ["views", "buys", "buys_per_view"]
+    assert_verify_clean(settings)
+    # null takes the exposure rule back to the first assignment: every assigned user again
+    r = httpx.patch(f"{base}/apiv1/ab-tests/{test_id}", json={"exposure_event": None}, timeout=15)
+    assert r.status_code == 200 and r.json()["exposure_event"] is None, r.text
+    wait_for(lambda: rows(settings, exposed_sql, e=test_id)[0][0] == 12, timeout=60, what="the first-assignment rule")
     assert_verify_clean(settings)

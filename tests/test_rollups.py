@@ -105,13 +105,14 @@ def test_cumulative_x_counts_from_exposure_and_y_over_the_lookback_days_before_i
     ]
     out = contribution(_user(events), Funnels([]), {3: ExperimentRules(lookback_days=14)})
     assert out[("x", 3, 1, 3001)] == [1]
-    assert out[("c", 3, 1, 3001, "event", "view")] == [1, 2, 2, 4, 1, 1, 1, 2, 1]
-    assert out[("c", 3, 1, 3001, "event", "buy")] == [1, 1, 1, 1, 0, 0, 0, 0, 0]
-    assert out[("c", 3, 1, 3001, "tracked", "revenue")] == [1, 2, 6.5, 42.25, 0, 0.0, 0.0, 0.0, 0]
+    assert out[("c", 3, 1, 3001, "event", "view")] == [1, 2, 2, 4, 1, 1, 1, 2, 1, 1]
+    assert out[("c", 3, 1, 3001, "event", "buy")] == [1, 1, 1, 1, 0, 0, 0, 0, 0, 1]
+    assert out[("c", 3, 1, 3001, "tracked", "revenue")] == [1, 2, 6.5, 42.25, 0, 0.0, 0.0, 0.0, 0, 1]
+    assert out[("xd", 3, 1, 3001, T0 // DAY)] == [1]
     # a lookback of 2 days no longer reaches the pre-exposure view 3 days back; 0 days: no covariate
     for days in (2, 0):
         out = contribution(_user(events), Funnels([]), {3: ExperimentRules(lookback_days=days)})
-        assert out[("c", 3, 1, 3001, "event", "view")] == [1, 2, 2, 4, 0, 0, 0, 0, 0]
+        assert out[("c", 3, 1, 3001, "event", "view")] == [1, 2, 2, 4, 0, 0, 0, 0, 0, 1]
 
 
 def test_an_attributed_late_event_on_a_lookback_day_is_counted_once_in_x() -> None:
@@ -120,7 +121,7 @@ def test_an_attributed_late_event_on_a_lookback_day_is_counted_once_in_x() -> No
 
     events = [_event(1, "view", T0 - 2 * DAY, True), _event(2, "view", T0 - 3 * DAY, False)]
     out = contribution(_user(events), Funnels([]), {3: ExperimentRules(lookback_days=14)})
-    assert out[("c", 3, 1, 3001, "event", "view")] == [1, 1, 1, 1, 1, 1, 1, 1, 1]
+    assert out[("c", 3, 1, 3001, "event", "view")] == [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
 
 
 def test_an_exposure_event_starts_the_count_and_users_without_it_are_not_exposed() -> None:
@@ -134,7 +135,7 @@ def test_an_exposure_event_starts_the_count_and_users_without_it_are_not_exposed
     ]
     out = contribution(_user(events), Funnels([]), rules)
     assert out[("x", 3, 1, 3001)] == [1]
-    assert out[("c", 3, 1, 3001, "event", "buy")] == [1, 1, 1, 1, 0, 0, 0, 0, 0]
+    assert out[("c", 3, 1, 3001, "event", "buy")] == [1, 1, 1, 1, 0, 0, 0, 0, 0, 1]
     unexposed = contribution(_user(events[:1]), Funnels([]), rules)
     assert not [k for k in unexposed if k[0] in ("x", "c", "r")]
 
@@ -234,3 +235,11 @@ def test_a_re_enriched_event_moves_the_user_into_the_variants_funnel() -> None:
     assert {k: v for k, v in after.items() if k[:3] == ("f", "f", 0)} == {
         k: v for k, v in before.items() if k[:3] == ("f", "f", 0)
     }
+
+
+def test_a_user_who_tracked_zero_has_the_source_but_no_non_zero_value() -> None:
+    from schemas.analysis import ExperimentRules
+
+    events = [_event(1, "revenue", T0 + 1, True, "metric", 0.0)]
+    out = contribution(_user(events), Funnels([]), {3: ExperimentRules()})
+    assert out[("c", 3, 1, 3001, "tracked", "revenue")] == [1, 1, 0.0, 0.0, 0, 0.0, 0.0, 0.0, 0, 0]

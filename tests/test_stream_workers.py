@@ -28,6 +28,7 @@ from abstream.devstack.ports import free_port
 from abstream.devstack.supervisor import Child, abstream_argv, http_ok, wait_healthy
 from abstream.migrate import migrate
 from stream_workers.verify import actual_totals, differences, expected_totals
+from tests import oracle
 from tests.stack import app_process, log_dir, start_app
 from tests.test_dashboards import DASHBOARDS, panel_results
 
@@ -62,8 +63,13 @@ def rows(settings: Settings, sql: str, **params: Any) -> list[tuple[Any, ...]]:
 
 
 def assert_verify_clean(settings: Settings) -> None:
-    diffs = differences(expected_totals(settings), actual_totals(settings))
+    """The rollups equal both recomputations from the raw rows: `abstream verify` (the workers' own per-user
+    code replayed) and the independent oracle (tests/oracle.py: the documented rules, applied naively)."""
+    actual = actual_totals(settings)
+    diffs = differences(expected_totals(settings), actual)
     assert diffs == [], "\n".join(diffs[:20])
+    diffs = oracle.differences(oracle.expected_totals(settings), actual)
+    assert diffs == [], "independent oracle:\n" + "\n".join(diffs[:20])
 
 
 def now_iso(offset_s: float = 0) -> str:
@@ -133,6 +139,8 @@ def test_events_assignments_and_rollups_end_to_end(stack: tuple[Settings, str]) 
     }
     assert wrong == {("invalid_event_name", "event", "events.0.event_name"): (1, 1),
                      ("invalid_platform", "request", "platform"): (1, 1)}  # fmt: skip
+    raws = [r for (r,) in rows(settings, "SELECT raw FROM rejected_events")]
+    assert raws and all(users[0] not in r for r in raws), "rejected bodies keep no user id in clear"
     latest = panels["Latest rejected payloads"]
     assert "bad name!" in next(r["raw"] for r in latest if r["code"] == "invalid_event_name")
     assert all("user_id" not in r for r in latest), "the payload table does not list user ids"
@@ -211,7 +219,7 @@ def test_late_assignment_re_enriches_events_received_after_it(stack: tuple[Setti
 
     from aiokafka import AIOKafkaProducer
 
-    from schemas.experiments import AssignmentRecord
+    from schemas.assignment_record import AssignmentRecord
 
     settings, base = stack
     late, early = f"late-{uuid.uuid4().hex[:6]}", f"early-{uuid.uuid4().hex[:6]}"
@@ -332,9 +340,10 @@ def test_client_retry_is_counted_once_across_gateways(stack: tuple[Settings, str
 class Load:
     """Posts batches of events for many users in a background thread; remembers what was acknowledged."""
 
-    def __init__(self, base: str, users: int = 40) -> None:
+    def __init__(self, base: str, rng: random.Random, users: int = 40) -> None:
         self.base = base
-        self.users = [f"load-{uuid.uuid4().hex[:8]}" for _ in range(users)]
+        self.rng = rng
+        self.users = [f"load-{uuid.UUID(int=rng.getrandbits(128)).hex[:8]}" for _ in range(users)]
         self.accepted = 0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -344,9 +353,11 @@ class Load:
         names = ["app_open", "workout_started", "session_submitted", "screen_view"]
         with httpx.Client(timeout=15) as http:
             while not self.stop.is_set():
-                user = random.choice(self.users)
-                events = [{"event_name": random.choice(names), "occurred_at": now_iso(-random.randint(0, 3000)),
-                           "event_id": uuid.uuid4().hex} for _ in range(random.randint(1, 20))]  # fmt: skip
+                rng = self.rng
+                user = rng.choice(self.users)
+                events = [{"event_name": rng.choice(names), "occurred_at": now_iso(-rng.randint(0, 3000)),
+                           "event_id": uuid.UUID(int=rng.getrandbits(128)).hex}
+                          for _ in range(rng.randint(1, 20))]  # fmt: skip
                 try:
                     r = http.post(f"{self.base}/v1/events", json={"anonymous_user_id": user, "events": events})
                 except httpx.HTTPError as exc:
@@ -377,17 +388,26 @@ def sigkill(child: Child) -> None:
     child.proc.wait()
 
 
-def test_sigkill_worker_repeatedly_loses_and_doubles_nothing(settings: Settings) -> None:
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> random.Random:
+    """The random moments and traffic of a fault test, seeded and printed (shown with a failure's output):
+    ABSTREAM_TEST_SEED=<seed> replays the same draws."""
+    seed = int(os.environ.get("ABSTREAM_TEST_SEED") or random.SystemRandom().randrange(2**32))
+    print(f"{request.node.name}: ABSTREAM_TEST_SEED={seed}")
+    return random.Random(seed)
+
+
+def test_sigkill_worker_repeatedly_loses_and_doubles_nothing(settings: Settings, rng: random.Random) -> None:
     migrate(settings, log=False)
     with ExitStack() as stack:
         gw = stack.enter_context(app_process("gateway", settings, log_dir()))
-        load = stack.enter_context(Load(gw.address))
+        load = stack.enter_context(Load(gw.address, rng))
         worker = start_worker(settings, "victim")
         try:
             for _ in range(3):
-                time.sleep(random.uniform(3, 6))
+                time.sleep(rng.uniform(3, 6))
                 sigkill(worker)
-                time.sleep(random.uniform(0.2, 1.5))
+                time.sleep(rng.uniform(0.2, 1.5))
                 worker = start_worker(settings, "victim")
             time.sleep(2)
         finally:
@@ -403,13 +423,13 @@ def test_sigkill_worker_repeatedly_loses_and_doubles_nothing(settings: Settings)
         worker.stop()
 
 
-def test_two_workers_share_partitions_and_fail_over(settings: Settings) -> None:
+def test_two_workers_share_partitions_and_fail_over(settings: Settings, rng: random.Random) -> None:
     migrate(settings, log=False)
     with ExitStack() as stack:
         gw = stack.enter_context(app_process("gateway", settings, log_dir()))
         first = start_worker(settings, "w1")
         second = start_worker(settings, "w2")
-        with Load(gw.address) as load:
+        with Load(gw.address, rng) as load:
             wait_for(lambda: scalar(settings, "SELECT uniqExact(worker) FROM rollup_runs") == 2, timeout=60,
                      what="both workers flushing")  # fmt: skip
             sigkill(first)
@@ -420,8 +440,9 @@ def test_two_workers_share_partitions_and_fail_over(settings: Settings) -> None:
         second.stop()
 
 
-def test_clickhouse_outage_delays_but_loses_nothing(settings: Settings, tmp_path: Path) -> None:
-    """A private ClickHouse endpoint is stopped under load, then restarted on the same data."""
+def test_clickhouse_outage_delays_but_loses_nothing(settings: Settings, tmp_path: Path, rng: random.Random) -> None:
+    """A private ClickHouse endpoint is stopped under load, then restarted on the same data: the worker was
+    writing before, wrote nothing while it was away (and did not crash), and caught up after."""
     from dataclasses import replace
 
     port = free_port()
@@ -441,15 +462,26 @@ def test_clickhouse_outage_delays_but_loses_nothing(settings: Settings, tmp_path
     with ExitStack() as stack:
         gw = stack.enter_context(app_process("gateway", settings, log_dir()))
         worker = start_worker(settings, "ch-outage")
-        with Load(gw.address) as load:
-            time.sleep(3)
+        with Load(gw.address, rng) as load:
+            wait_for(lambda: scalar(settings, "SELECT count() FROM event_logs") > 0, what="the worker writing")
+            time.sleep(1)
             ch.stop()
+            stopped_at = time.time()  # from here on nothing can be written
+            accepted_at_stop = load.accepted
             time.sleep(8)
+            assert load.accepted > accepted_at_stop, "the gateway keeps accepting: Kafka holds the events"
+            assert worker.alive(), "the worker must not crash while ClickHouse is away"
+            restarted_at = time.time()  # nothing written before this either
             ch = endpoint()
             time.sleep(2)
         wait_for(lambda: scalar(settings, "SELECT count() FROM event_logs FINAL") == load.accepted, timeout=90,
                  what=f"{load.accepted} events in event_logs")  # fmt: skip
-        assert worker.alive(), "the worker must not crash while ClickHouse is away"
+        runs = "SELECT count() FROM rollup_runs WHERE toUnixTimestamp64Milli(run_at) "
+        paused = scalar(settings, runs + "BETWEEN {a:Int64} AND {b:Int64}", a=int(stopped_at * 1000),
+                        b=int(restarted_at * 1000))  # fmt: skip
+        assert paused == 0, "no flush can land while ClickHouse is away"
+        after = scalar(settings, runs + ">= {b:Int64}", b=int(restarted_at * 1000))
+        assert after > 0, "the worker flushes again once ClickHouse is back"
         assert_verify_clean(settings)
         worker.stop()
     ch.stop()
@@ -491,3 +523,58 @@ def test_embedded_broker_restart_keeps_registry_and_loses_no_new_events(settings
             assert_verify_clean(settings)
     finally:
         stop_process(broker)
+
+
+def test_the_oracle_and_verify_catch_a_wrong_rollup(stack: tuple[Settings, str]) -> None:
+    """Both recomputations must be able to fail: a rollup row overwritten with a wrong count is flagged by each."""
+    settings, base = stack
+    user = f"o-{uuid.uuid4().hex[:6]}"
+    assert httpx.post(f"{base}/v1/assignment", json={"anonymous_user_id": user}, timeout=10).status_code == 200
+    post_events(base, user, ["app_open", "app_open", "workout_started"])
+    wait_for(lambda: scalar(settings, "SELECT count() FROM event_logs FINAL") == 3, what="events")
+    wait_for(lambda: scalar(settings, "SELECT sum(users) FROM user_last_active") == 1, what="rollups")
+    time.sleep(1)
+    assert_verify_clean(settings)
+    c = ch_client(settings)
+    try:
+        (row,) = c.query("SELECT day, event_name, platform, app_version, kafka_partition, events, unique_users, "
+                         "version FROM daily_metric_rollups_by_partition FINAL WHERE event_name = 'app_open' "
+                         "AND platform = '*'").result_rows  # fmt: skip
+        c.insert("daily_metric_rollups_by_partition", [[*row[:5], row[5] + 1, row[6], row[7] + 1]],
+                 column_names=["day", "event_name", "platform", "app_version", "kafka_partition", "events",
+                               "unique_users", "version"])  # fmt: skip
+    finally:
+        c.close()
+    actual = actual_totals(settings)
+    assert len(differences(expected_totals(settings), actual)) == 1
+    (diff,) = oracle.differences(oracle.expected_totals(settings), actual)
+    assert "app_open" in diff and "[2.0, 1.0]" in diff and "[3.0, 1.0]" in diff
+
+
+def test_arkforge_events_reach_event_logs_and_the_rollups(stack: tuple[Settings, str]) -> None:
+    """/apiv1/events and /apiv1/events/batch (the ArkForge seed's shapes) end to end: stored once each, with the
+    seed's fields mapped, enriched with the user's assignment, counted in the rollups."""
+    settings, base = stack
+    user = f"ark-{uuid.uuid4().hex[:6]}"
+    r = httpx.post(f"{base}/apiv1/ab-tests/4/assign", json={"user_id": user}, timeout=10)
+    assert r.status_code == 200 and r.json()["assigned"], r.text
+    one = {"event_type": "button_click", "user_id": user, "session_id": "s-1",
+           "properties": {"button_name": "submit", "page": "homepage"}}  # fmt: skip
+    r = httpx.post(f"{base}/apiv1/events", json=one, timeout=10)
+    assert r.status_code == 200, r.text
+    batch = [{"event_type": "page_view", "user_id": user, "properties": {"page": f"/p{i}"}} for i in range(3)]
+    r = httpx.post(f"{base}/apiv1/events/batch", json=batch, timeout=10)
+    assert r.status_code == 200 and r.json()["accepted"] == 3, r.text
+    sql = ("SELECT event_name, surface, session_id, JSONExtractString(properties, 'page'), "
+           "experiment_map['exp_4_achievements_density'] FROM event_logs FINAL WHERE user_id = {u:String} "
+           "ORDER BY event_name, JSONExtractString(properties, 'page')")  # fmt: skip
+    wait_for(lambda: len(rows(settings, sql, u=user)) == 4, what="the ArkForge events in event_logs")
+    got = rows(settings, sql, u=user)
+    variant = r.json().get("variant_key") or rows(settings, "SELECT variant_key FROM assignments WHERE user_id = "
+                                                            "{u:String}", u=user)[0][0]  # fmt: skip
+    assert got[0][:4] == ("button_click", "apiv1", "s-1", "homepage")
+    assert [g[3] for g in got[1:]] == ["/p0", "/p1", "/p2"] and {g[0] for g in got[1:]} == {"page_view"}
+    assert {g[4] for g in got} == {variant}, "enriched with the user's assignment"
+    wait_for(lambda: scalar(settings, "SELECT sum(events) FROM daily_metric_rollups WHERE platform = '*' "
+                                      "AND event_name = 'page_view'") == 3, what="the daily rollup")  # fmt: skip
+    assert_verify_clean(settings)

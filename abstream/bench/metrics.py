@@ -29,7 +29,7 @@ from abstream.clickhouse import client as ch_client
 from stream_workers.pipeline import (
     DAILY_COLUMNS,
     EXPOSED_COLUMNS,
-    EXPOSURE_COLUMNS,
+    EXPOSED_DAILY_COLUMNS,
     FUNNEL_COLUMNS,
     LAST_ACTIVE_COLUMNS,
     RATIO_COLUMNS,
@@ -71,10 +71,11 @@ def last_active_rows(users: int, days: int, partitions: int) -> list[list[Any]]:
 
 
 def exposure_rows(test: dict[str, Any], users: int, days: int, partitions: int) -> list[list[Any]]:
+    """Exposed users per exposure day (experiment_exposed_daily_by_partition), phase 1."""
     today = datetime.now(UTC).date()
     version = time.time_ns() // 1000
     share = users // (days * partitions * len(test["variants"]))
-    return [[test["id"], v["id"], today - timedelta(days=d), p, share, version] for v in test["variants"]
+    return [[test["id"], 1, v["id"], today - timedelta(days=d), p, share, version] for v in test["variants"]
             for d in range(days) for p in range(partitions)]  # fmt: skip
 
 
@@ -127,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                 client.insert("experiment_exposed_by_partition", rows["x"], column_names=EXPOSED_COLUMNS)
                 client.insert("experiment_source_rollups_by_partition", rows["c"], column_names=SOURCE_COLUMNS)
                 client.insert("experiment_ratio_rollups_by_partition", rows["r"], column_names=RATIO_COLUMNS)
-                client.insert("experiment_exposures_by_partition",
+                client.insert("experiment_exposed_daily_by_partition",
                               exposure_rows(test, args.users // 3, args.days, args.partitions),
-                              column_names=EXPOSURE_COLUMNS)  # fmt: skip
+                              column_names=EXPOSED_DAILY_COLUMNS)  # fmt: skip
             progress.advance(task)
             manifest = {e["key"]: e for e in http.get("/apiv1/ab-tests").json()}
             groups = [(0, 0)] + [(e["id"], v["id"]) for k in ("exp_3_landing_journey", "exp_4_achievements_density")

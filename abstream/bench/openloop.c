@@ -1,7 +1,7 @@
 /*
  * abstream-openloop: the fixed-rate (open loop) HTTP/1.1 load client of `abstream bench`, in C.
  *
- * The same schedule and accounting as the asyncio client in loadgen.py (which stays as the fallback when no
+ * The same schedule and accounting as the asyncio client in http_client.py (which stays as the fallback when no
  * C compiler is around), at about a third of its CPU per request: on the 2-core box the load client shares
  * the cores with the gateway and the broker, so every microsecond it spends is taken from what it measures.
  *

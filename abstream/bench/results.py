@@ -92,12 +92,13 @@ def rollup_rows(
                     out["c"].append([
                         experiment_id, 1, variant_id, "event", name, p, int((xs > 0).sum()), int(xs.sum()),
                         float(xs.sum()), float((xs * xs).sum()), int((ys > 0).sum()), float(ys.sum()),
-                        float((ys * ys).sum()), float((xs * ys).sum()), int(((xs > 0) & (ys > 0)).sum()), ver,
+                        float((ys * ys).sum()), float((xs * ys).sum()), int(((xs > 0) & (ys > 0)).sum()),
+                        int((xs != 0).sum()), ver,
                     ])  # fmt: skip
                 rv = revenue[mask]
                 out["c"].append([
                     experiment_id, 1, variant_id, "tracked", "revenue", p, int((rv > 0).sum()), int((rv > 0).sum()),
-                    float(rv.sum()), float((rv * rv).sum()), 0, 0.0, 0.0, 0.0, 0, ver,
+                    float(rv.sum()), float((rv * rv).sum()), 0, 0.0, 0.0, 0.0, 0, int((rv != 0).sum()), ver,
                 ])  # fmt: skip
                 ov = opens[mask]
                 out["r"].append([

@@ -25,7 +25,9 @@ import orjson
 from pydantic import BaseModel, ValidationError
 
 from abstream.config import Settings
-from gateway.ingest import DedupCache, decode_body, ingest_apiv1_batch, ingest_v1
+from gateway.body import decode_body
+from gateway.dedup import DedupCache
+from gateway.ingest import ingest_apiv1_batch, ingest_v1
 from schemas.events import V1Event, V1EventsRequest
 
 _SCREENS = ["home", "workout_summary", "creature_detail", "shop", "settings", "achievements"]
