@@ -14,7 +14,8 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /src
-COPY pyproject.toml ./
+COPY pyproject.toml README.md LICENSE tests.json ./
+COPY clickhouse/ clickhouse/
 COPY abstream/ abstream/
 COPY gateway/ gateway/
 COPY schemas/ schemas/
@@ -26,8 +27,8 @@ RUN --mount=type=cache,target=/root/.cache/pip pip install .
 
 FROM python:3.11-slim
 
-# The package is installed into site-packages, so config's repo-relative defaults for the
-# manifest, migrations and data directory would point there: set them to where they live here.
+# The wheel installs the migrations and an example manifest under /opt/venv/share/abstream, used when the
+# working directory has none; the deployment's own manifest and migrations are set explicitly here.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH \

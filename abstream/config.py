@@ -8,6 +8,7 @@ prints the effective values; the README's configuration table is generated from 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,23 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 KAFKA_COMPRESSIONS = ("zstd", "snappy", "lz4", "gzip", "none")
+
+
+def shipped(name: str) -> Path | None:
+    """A file installed with abstream (the wheel puts tests.json and clickhouse/ under <prefix>/share/abstream), or
+    the one of this source checkout; None when neither exists."""
+    for base in (Path(sys.prefix) / "share" / "abstream", REPO_ROOT):
+        if (base / name).exists():
+            return base / name
+    return None
+
+
+def _located(configured: str, default: str) -> Path:
+    """``configured`` (relative to the working directory); the shipped copy only for an absent default."""
+    path = Path(configured)
+    if not path.exists() and configured == default:
+        return shipped(default) or path
+    return path
 
 
 def _setting(env: str, default: Any, doc: str) -> Any:
@@ -107,12 +125,22 @@ class Settings:
         "ABSTREAM_WORKER_WEB_PORT", 6066, "Faust worker web port (health); each extra worker takes the next."
     )
     data_dir: str = _setting(
-        "ABSTREAM_DATA_DIR", str(REPO_ROOT / ".abstream-data"), "Data directory of the embedded stack."
+        "ABSTREAM_DATA_DIR",
+        ".abstream-data",
+        "Data directory of the embedded stack (relative: to the working directory).",
     )
     manifest_path: str = _setting(
-        "ABSTREAM_MANIFEST", str(REPO_ROOT / "tests.json"), "Experiment manifest loaded into the registry."
+        "ABSTREAM_MANIFEST",
+        "tests.json",
+        "Experiment manifest loaded into the registry (relative: to the working directory; when the default is "
+        "absent there, the example installed with abstream).",
     )
-    migrations_dir: str = _setting("ABSTREAM_MIGRATIONS_DIR", str(REPO_ROOT / "clickhouse"), "Ordered SQL migrations.")
+    migrations_dir: str = _setting(
+        "ABSTREAM_MIGRATIONS_DIR",
+        "clickhouse",
+        "Ordered SQL migrations (relative: to the working directory; when the default is absent there, the "
+        "migrations installed with abstream).",
+    )
     admin_token: str = _setting(
         "ABSTREAM_ADMIN_TOKEN",
         "",
@@ -199,6 +227,16 @@ class Settings:
                 raise SettingsError(f"{f.metadata['env']}: {exc}") from exc
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    @property
+    def manifest_file(self) -> Path:
+        """The manifest to load: ABSTREAM_MANIFEST, or the shipped example when the default is absent here."""
+        return _located(self.manifest_path, "tests.json")
+
+    @property
+    def migrations_path(self) -> Path:
+        """The migrations to apply: ABSTREAM_MIGRATIONS_DIR, or the shipped ones when the default is absent here."""
+        return _located(self.migrations_dir, "clickhouse")
 
     def topic(self, name: str) -> str:
         """Full topic name for one of abstream's logical topics."""

@@ -111,7 +111,7 @@ def _bootstrap(settings: Settings) -> Client:
 
 def migrate(settings: Settings, log: bool = True) -> list[str]:
     """Apply pending migrations in order; return the names applied in this run."""
-    migrations = load_migrations(settings.migrations_dir)
+    migrations = load_migrations(settings.migrations_path)
     try:
         client = _bootstrap(settings)
     except ClickHouseError as exc:

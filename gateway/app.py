@@ -20,25 +20,25 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from abstream.config import Settings
-from gateway import apiv1, v1
-from gateway.core import RETRY_AFTER_S, GatewayCore
-from gateway.endpoints import Endpoint
-from gateway.http import (
+from gateway import arkforge, calicritters
+from gateway.openapi import build_openapi
+from gateway.plumbing import (
     AccessLogMiddleware,
     JSONResponse,
     api_error_handler,
     http_error_handler,
     unhandled_error_handler,
 )
-from gateway.openapi import build_openapi
 from gateway.publisher import Publisher
 from gateway.registry import Registry
+from gateway.routes import Endpoint
+from gateway.service import RETRY_AFTER_S, GatewayCore
 from schemas.errors import ApiError
 from schemas.health import Liveness, Readiness
 
 log = logging.getLogger(__name__)
 
-ENDPOINTS: list[Endpoint] = [*v1.ENDPOINTS, *apiv1.ENDPOINTS]
+ENDPOINTS: list[Endpoint] = [*calicritters.ENDPOINTS, *arkforge.ENDPOINTS]
 
 
 def _version() -> str:

@@ -2,7 +2,7 @@
 duplicate instead of being published twice.
 
 Its own module because it is the ingestion core's only state: one cache per gateway process, outliving the
-requests (``gateway.core`` makes it), while everything else in ``gateway.ingest`` and its helpers is pure.
+requests (``gateway.service`` makes it), while everything else in ``gateway.ingest`` and its helpers is pure.
 """
 
 from __future__ import annotations

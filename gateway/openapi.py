@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-from gateway.endpoints import Endpoint
+from gateway.routes import Endpoint
 
 _PARAM = re.compile(r"{([^}]+)}")
 _REF = "#/components/schemas/{model}"

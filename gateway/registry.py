@@ -79,7 +79,7 @@ class Registry:
 
     def _load_manifest(self) -> Manifest:
         try:
-            return load_manifest(self.settings.manifest_path)
+            return load_manifest(self.settings.manifest_file)
         except (OSError, ValueError) as exc:
             raise RegistryStartupError(str(exc)) from exc
 
@@ -213,7 +213,7 @@ class Registry:
             elif current.manifest_sha != sha:
                 if current.experiment.id != exp.id:
                     raise RegistryStartupError(
-                        f"{self.settings.manifest_path}: experiment {exp.key!r} has id {exp.id}, "
+                        f"{self.settings.manifest_file}: experiment {exp.key!r} has id {exp.id}, "
                         f"but the registry has it as id {current.experiment.id}; ids never change"
                     )
                 try:
@@ -221,7 +221,7 @@ class Registry:
                 except ApiError as err:
                     details = "; ".join(f"{d['field']}: {d['message']}" for d in err.details)
                     raise RegistryStartupError(
-                        f"{self.settings.manifest_path}: experiment {exp.key!r}: {err.message} ({details})"
+                        f"{self.settings.manifest_file}: experiment {exp.key!r}: {err.message} ({details})"
                     ) from err
                 pending.append(self._record("update", exp, "manifest", sha))
         await self._publish(pending)
@@ -229,7 +229,7 @@ class Registry:
             won = self.state.records.get(record.experiment.key)
             if won is None or won.experiment.id != record.experiment.id:
                 raise RegistryStartupError(
-                    f"{self.settings.manifest_path}: experiment {record.experiment.key!r} (id "
+                    f"{self.settings.manifest_file}: experiment {record.experiment.key!r} (id "
                     f"{record.experiment.id}) conflicts with an experiment already in the registry"
                 )
 

@@ -109,7 +109,7 @@ class Pipeline:
         self.events_topic = settings.topic(TOPIC_EVENTS)
         self.assignments_topic = settings.topic(TOPIC_ASSIGNMENTS)
         self.partitions: dict[int, PartitionState] = {}
-        manifest = load_manifest(settings.manifest_path)
+        manifest = load_manifest(settings.manifest_file)
         self.funnels = Funnels(manifest.funnels)
         self.manifest_experiments = manifest.experiments
         self.rules: dict[int, ExperimentRules] = rules_from_registry((), manifest.experiments)

@@ -63,7 +63,7 @@ def _norm(value: Any) -> Any:
 
 def expected_totals(settings: Settings) -> dict[Key, Stats]:
     """Every rollup total recomputed from event_logs FINAL and assignments."""
-    manifest = load_manifest(settings.manifest_path)
+    manifest = load_manifest(settings.manifest_file)
     funnels = Funnels(manifest.funnels)
     client = ch_client(settings)
     users: dict[str, UserState] = {}

@@ -105,7 +105,7 @@ def _level(times_per_step: list[list[int]], window_ms: int) -> int:
 
 def expected_totals(settings: Settings) -> dict[tuple[Any, ...], list[float]]:
     events, assigned, definitions = _load(settings)
-    funnels = load_manifest(settings.manifest_path).funnels
+    funnels = load_manifest(settings.manifest_file).funnels
     out: dict[tuple[Any, ...], list[Any]] = {}
 
     def add(key: tuple[Any, ...], values: list[float]) -> None:

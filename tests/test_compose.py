@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from abstream.clickhouse import client as ch_client
-from abstream.config import REPO_ROOT, Settings, settings_table
+from abstream.config import Settings, settings_table
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -524,14 +524,13 @@ def image_copies() -> dict[str, str]:
 
 def test_dockerfile_points_config_at_the_copied_manifest_and_migrations() -> None:
     env, copies = image_env(), image_copies()
-    # The same files the embedded stack uses: config's defaults, relative to the repo.
-    manifest = str(Path(DEFAULTS["manifest_path"]).relative_to(REPO_ROOT))
-    migrations = str(Path(DEFAULTS["migrations_dir"]).relative_to(REPO_ROOT))
+    # The same files the embedded stack uses: config's defaults (relative to the working directory, the repo's root).
+    manifest, migrations = DEFAULTS["manifest_path"], DEFAULTS["migrations_dir"]
     assert manifest in copies, f"Dockerfile does not COPY {manifest}"
     assert migrations in copies, f"Dockerfile does not COPY {migrations}/"
     assert env["ABSTREAM_MANIFEST"] == copies[manifest]
     assert env["ABSTREAM_MIGRATIONS_DIR"] == copies[migrations]
-    assert env.get("ABSTREAM_DATA_DIR"), "the repo-relative default lands in site-packages"
+    assert env.get("ABSTREAM_DATA_DIR"), "a fixed, writable data directory, not the working directory's"
     app_env = {k for k in env if k.startswith(("ABSTREAM_", "KAFKA_", "CLICKHOUSE_"))}
     assert app_env <= SETTING_ENV_NAMES, app_env - SETTING_ENV_NAMES
 

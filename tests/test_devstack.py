@@ -78,7 +78,7 @@ def test_split_statements_ignores_semicolons_in_strings_and_comments() -> None:
 
 def test_migrate_applies_once_and_reports_failures(settings: Settings, tmp_path: Path) -> None:
     applied = migrate(settings, log=False)
-    assert applied == sorted(p.name for p in Path(settings.migrations_dir).glob("*.sql"))
+    assert applied == sorted(p.name for p in settings.migrations_path.glob("*.sql"))
     assert migrate(settings, log=False) == []  # re-running is a no-op
 
     from abstream.clickhouse import client

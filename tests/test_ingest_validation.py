@@ -1334,7 +1334,7 @@ def test_a_client_that_leaves_mid_body_is_a_400_not_a_500() -> None:
 
     from starlette.requests import Request
 
-    from gateway.http import read_json
+    from gateway.plumbing import read_json
 
     async def receive() -> dict[str, object]:
         return {"type": "http.disconnect"}
@@ -1350,7 +1350,7 @@ def test_a_client_that_leaves_mid_body_is_a_400_not_a_500() -> None:
 def test_dead_letters_of_refused_requests_are_bounded_while_kafka_hangs() -> None:
     import asyncio
 
-    from gateway import core as gateway_core
+    from gateway import service as gateway_core
 
     class HangingPublisher:
         async def publish(self, messages: object) -> None:

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 
-from abstream.devstack.broker import die_with_parent
+from abstream.lifetime import die_with_parent
 
 PREEXEC = die_with_parent if sys.platform.startswith("linux") else None
 """``preexec_fn`` of every child: SIGTERM from the kernel if this process dies without cleaning up."""

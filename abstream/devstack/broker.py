@@ -7,7 +7,6 @@ tansu keeps everything in memory: a broker restart loses its topics. Production 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import signal
 import subprocess
 import sys
@@ -17,15 +16,7 @@ from types import FrameType
 from aiokafka import AIOKafkaClient
 
 from abstream.devstack.ports import ensure_port_free, port_open
-
-
-def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Ask Linux to SIGTERM this child when its parent dies (PR_SET_PDEATHSIG): nothing is left behind."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)
-    except OSError:
-        pass
+from abstream.lifetime import die_with_parent
 
 
 def broker_binary() -> str:

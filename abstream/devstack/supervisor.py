@@ -22,8 +22,9 @@ from pathlib import Path
 from types import FrameType
 
 from abstream.config import Settings
-from abstream.devstack.broker import die_with_parent, kafka_answers
+from abstream.devstack.broker import kafka_answers
 from abstream.devstack.ports import ensure_port_free, port_open
+from abstream.lifetime import die_with_parent
 
 HealthCheck = Callable[[], bool]
 

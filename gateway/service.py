@@ -1,6 +1,6 @@
 """The one core behind both API surfaces: assign, ingest, publish, answer.
 
-Surfaces (v1.py, apiv1.py) only read their request shape and call these methods, so validation,
+Surfaces (calicritters.py, arkforge.py) only read their request shape and call these methods, so validation,
 assignment and the Kafka acknowledgement rule exist once. Nothing here answers 2xx for anything Kafka
 has not acknowledged: a missing acknowledgement is a 503 with Retry-After and nothing reported accepted.
 """
@@ -48,10 +48,13 @@ is slow cannot pile up tasks without bound."""
 
 
 def unavailable(reason: str) -> ApiError:
+    """503 for a request Kafka did not acknowledge. The cause (the client library's exception) is logged, not sent:
+    an error body never echoes a backend exception."""
+    log.warning("kafka unavailable: %s", reason)
     return ApiError(
         503,
         "kafka_unavailable",
-        f"the event log did not acknowledge, nothing was accepted; retry later ({reason})",
+        "the event log did not acknowledge, nothing was accepted; retry later",
         headers={"Retry-After": RETRY_AFTER_S},
     )
 

@@ -1,4 +1,4 @@
-"""The Calicritters surface (/v1/...): a thin adapter over gateway.core."""
+"""The Calicritters surface (/v1/...): a thin adapter over gateway.service."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from starlette.responses import Response
 
 from gateway import metrics
 from gateway.auth import require_metrics
-from gateway.core import GatewayCore, records_refusals
-from gateway.endpoints import Endpoint
-from gateway.http import JSONResponse, note_user, read_json
 from gateway.ingest import ingest_v1
+from gateway.plumbing import JSONResponse, note_user, read_json
 from gateway.query import parse_query
 from gateway.results import parse_level
+from gateway.routes import Endpoint
+from gateway.service import GatewayCore, records_refusals
 from schemas.assignment import AssignmentRequest, AssignmentResponse
 from schemas.errors import ApiError, ErrorResponse
 from schemas.events import IngestResponse, V1EventsRequest
@@ -83,7 +83,7 @@ async def get_funnels(request: Request) -> Response:
     core = _core(request)
     require_metrics(request, core.settings)
     query = parse_query(FunnelsQuery, request.query_params)
-    defs = metrics.manifest_funnels(core.settings.manifest_path)
+    defs = metrics.manifest_funnels(str(core.settings.manifest_file))
     if query.funnel is not None:
         defs = tuple(f for f in defs if f.key == query.funnel)
         if not defs:

@@ -1,4 +1,4 @@
-"""The ArkForge surface (/apiv1/...): a thin adapter over gateway.core and the registry."""
+"""The ArkForge surface (/apiv1/...): a thin adapter over gateway.service and the registry."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.auth import require_admin
-from gateway.core import GatewayCore, records_refusals, unavailable
-from gateway.endpoints import Endpoint
-from gateway.http import JSONResponse, note_user, read_json
 from gateway.ingest import ingest_apiv1_batch, ingest_apiv1_one, ingest_track
+from gateway.plumbing import JSONResponse, note_user, read_json
 from gateway.publisher import KafkaUnavailable
 from gateway.query import parse_query
 from gateway.results import experiment_results, parse_level
+from gateway.routes import Endpoint
+from gateway.service import GatewayCore, records_refusals, unavailable
 from schemas.ab_tests import ABAssignRequest, ABAssignResponse, ABTestCreate, ABTestOut
 from schemas.errors import ApiError, ErrorResponse, validation_failed
 from schemas.events import ApiV1Event, ApiV1EventBatch, IngestResponse, TrackRequest
