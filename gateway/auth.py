@@ -12,40 +12,39 @@ from abstream.config import Settings
 from schemas.errors import ApiError
 
 
-def require_admin(request: Request, settings: Settings) -> None:
-    """401 without a bearer token, 403 with a wrong one; no check when ABSTREAM_ADMIN_TOKEN is empty."""
-    expected = settings.admin_token
-    if not expected:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
+def _bearer_token(request: Request, variable: str, realm: str, what: str) -> str:
+    """The request's bearer token; 401 naming ``variable`` without one."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(
             401,
             "unauthorized",
-            "this operation needs 'Authorization: Bearer <ABSTREAM_ADMIN_TOKEN>'",
-            headers={"WWW-Authenticate": 'Bearer realm="abstream"'},
+            f"this {what} needs 'Authorization: Bearer <{variable}>'",
+            headers={"WWW-Authenticate": f'Bearer realm="{realm}"'},
         )
-    if not hmac.compare_digest(token.strip().encode(), expected.encode()):
+    return token.strip()
+
+
+def _matches(token: str, expected: str) -> bool:
+    return hmac.compare_digest(token.encode(), expected.encode())
+
+
+def require_admin(request: Request, settings: Settings) -> None:
+    """401 without a bearer token, 403 with a wrong one; no check when ABSTREAM_ADMIN_TOKEN is empty."""
+    if not settings.admin_token:
+        return
+    token = _bearer_token(request, "ABSTREAM_ADMIN_TOKEN", "abstream", "operation")
+    if not _matches(token, settings.admin_token):
         raise ApiError(403, "forbidden", "the bearer token is not valid for this operation")
 
 
 def require_metrics(request: Request, settings: Settings) -> None:
     """401 without a bearer token, 403 with a wrong one (the admin token included), 403
     ``metrics_token_not_configured`` when ABSTREAM_METRICS_TOKEN is empty: no token can be right then."""
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise ApiError(
-            401,
-            "unauthorized",
-            "this endpoint needs 'Authorization: Bearer <ABSTREAM_METRICS_TOKEN>'",
-            headers={"WWW-Authenticate": 'Bearer realm="abstream-metrics"'},
-        )
-    expected = settings.metrics_token
-    if not expected:
+    token = _bearer_token(request, "ABSTREAM_METRICS_TOKEN", "abstream-metrics", "endpoint")
+    if not settings.metrics_token:
         raise ApiError(403, "metrics_token_not_configured", "the metrics API is off: ABSTREAM_METRICS_TOKEN is not set")
-    if not hmac.compare_digest(token.strip().encode(), expected.encode()):
+    if not _matches(token, settings.metrics_token):
         raise ApiError(403, "forbidden", "the bearer token is not valid for the metrics API")
 
 

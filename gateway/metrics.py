@@ -21,16 +21,23 @@ from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
-from abstream.clickhouse import describe_failure
 from abstream.stats.proportions import compare_rates, rate
-from gateway.results import RollupReader, compute_results, fetch_rollups
+from gateway.results import (
+    FRESHNESS_STATS,
+    RollupReader,
+    compute_results,
+    fetch_rollups,
+    iso_ms,
+    store_unavailable,
+)
 from schemas.errors import ApiError
 from schemas.experiments import Experiment, Funnel, Status, load_manifest
 from schemas.metrics import DEFAULT_DAILY_SPAN_DAYS, FIRST_DAY, MAX_DAILY_SPAN_DAYS, DailyQuery, parse_day
 
 log = logging.getLogger(__name__)
 
-SUMMARY_SQL = """
+SUMMARY_SQL = (
+    """
 SELECT 'events' AS kind, 0 AS a, 0 AS b, 0 AS c,
        [toFloat64(sumIf(events, day >= {today:Date})), toFloat64(sumIf(events, day >= {week:Date})),
         toFloat64(sum(events))] AS v
@@ -50,10 +57,10 @@ SELECT 'exposed', experiment_id, phase, variant_id, [toFloat64(sum(users))]
 FROM experiment_exposed_by_partition FINAL WHERE experiment_id IN {ids:Array(UInt32)}
 GROUP BY experiment_id, phase, variant_id
 UNION ALL
-SELECT 'fresh', 0, 0, 0, [toFloat64(if(count() = 0, -1, ifNull(toUnixTimestamp64Milli(max(watermark)), -1))),
-                          toFloat64(if(count() = 0, -1, toUnixTimestamp64Milli(max(run_at))))]
-FROM (SELECT watermark, run_at FROM rollup_runs ORDER BY run_at DESC LIMIT 500)
-"""
+SELECT 'fresh', 0, 0, 0, """
+    + FRESHNESS_STATS
+    + "\n"
+)
 
 DAILY_SQL = """
 SELECT day, event_name, platform, app_version, sum(events) AS events, sum(unique_users) AS unique_users
@@ -75,25 +82,11 @@ GROUP BY funnel_key, experiment_id, variant_id, step
 """
 
 
-def _unavailable(settings: Any, exc: BaseException) -> ApiError:
-    log.warning("metrics unavailable: %s", describe_failure(settings, exc))
-    return ApiError(
-        503, "metrics_unavailable", "the metrics store (ClickHouse) cannot be read; retry shortly",
-        headers={"Retry-After": "5"},
-    )  # fmt: skip
-
-
 async def _query(reader: RollupReader, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
     try:
         return await reader.query(sql, params)
     except Exception as exc:  # noqa: BLE001 - any ClickHouse failure is a 503 with Retry-After, never a 500
-        raise _unavailable(reader.settings, exc) from None
-
-
-def _iso_ms(ms: float) -> str | None:
-    if ms < 0:
-        return None
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        raise store_unavailable(reader.settings, exc, "metrics") from None
 
 
 def _today() -> date:
@@ -140,14 +133,14 @@ async def summary(reader: RollupReader, experiments: Sequence[Experiment]) -> di
         out_running.append({"experiment_id": e.id, "key": e.key, "name": e.name,
                             "exposed_users": sum(variants.values()), "variants": variants})  # fmt: skip
     return {
-        "generated_at": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "generated_at": iso_ms(time.time_ns() // 1_000_000),
         "events": windowed("events"),
         "active_users": windowed("users"),
         "rejected_events": windowed("rejected_event"),
         "refused_requests": windowed("rejected_request"),
         "running_experiments": out_running,
-        "latest_event_time": _iso_ms(fresh[0]),
-        "rollups_updated_at": _iso_ms(fresh[1]),
+        "latest_event_time": iso_ms(int(fresh[0]) if fresh[0] >= 0 else None),
+        "rollups_updated_at": iso_ms(int(fresh[1]) if fresh[1] >= 0 else None),
     }
 
 

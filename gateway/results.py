@@ -29,6 +29,11 @@ from schemas.experiments import Experiment
 log = logging.getLogger(__name__)
 
 
+FRESHNESS_STATS = """[toFloat64(if(count() = 0, -1, ifNull(toUnixTimestamp64Milli(max(watermark)), -1))),
+        toFloat64(if(count() = 0, -1, toUnixTimestamp64Milli(max(run_at))))] AS stats
+FROM (SELECT watermark, run_at FROM rollup_runs ORDER BY run_at DESC LIMIT 500)"""
+"""[latest watermark, latest flush] in epoch ms (-1: none yet) over the latest flushes: the rollups' freshness."""
+
 ROLLUP_BRANCHES = {
     "x": """SELECT 'x' AS kind, experiment_id, phase, variant_id, '' AS source, '' AS name,
        [toFloat64(sum(users))] AS stats
@@ -44,10 +49,8 @@ GROUP BY experiment_id, phase, variant_id, source, name""",
        [sum(sum_x), sum(sum_x2), sum(sum_y), sum(sum_y2), sum(sum_xy)] AS stats
 FROM experiment_ratio_rollups_by_partition FINAL WHERE experiment_id IN {ids:Array(UInt32)}
 GROUP BY experiment_id, phase, variant_id, metric""",
-    "f": """SELECT 'f' AS kind, 0 AS experiment_id, 0 AS phase, 0 AS variant_id, '' AS source, '' AS name,
-       [toFloat64(if(count() = 0, -1, ifNull(toUnixTimestamp64Milli(max(watermark)), -1))),
-        toFloat64(if(count() = 0, -1, toUnixTimestamp64Milli(max(run_at))))] AS stats
-FROM (SELECT watermark, run_at FROM rollup_runs ORDER BY run_at DESC LIMIT 500)""",
+    "f": f"""SELECT 'f' AS kind, 0 AS experiment_id, 0 AS phase, 0 AS variant_id, '' AS source, '' AS name,
+       {FRESHNESS_STATS}""",
     "d": """SELECT 'd' AS kind, experiment_id, phase, variant_id, '' AS source, toString(day) AS name,
        [toFloat64(sum(users))] AS stats
 FROM experiment_exposed_daily_by_partition FINAL WHERE experiment_id IN {ids:Array(UInt32)}
@@ -103,11 +106,7 @@ async def fetch_rollups(
         answers = await asyncio.gather(*(reader.query(sql, params) for sql in rollup_queries(kinds)))
         rows = [row for answer in answers for row in answer]
     except Exception as exc:  # noqa: BLE001 - any ClickHouse failure is a clear 503, never a 500 or its text
-        log.warning("rollups unavailable: %s", describe_failure(reader.settings, exc))
-        raise ApiError(
-            503, "results_unavailable", "the results store (ClickHouse) cannot be read; retry shortly",
-            headers={"Retry-After": "5"},
-        ) from None  # fmt: skip
+        raise store_unavailable(reader.settings, exc, "results") from None
     out = {experiment_id: ExperimentRollups() for experiment_id in phases}
     fresh = Freshness()
     for kind, experiment_id, phase, variant_id, source, name, stats in rows:
@@ -178,7 +177,16 @@ def parse_level(value: str | None) -> float:
     return level
 
 
-def _iso_ms(ms: int | None) -> str | None:
+def store_unavailable(settings: Settings, exc: BaseException, what: str) -> ApiError:
+    """503 ``{what}_unavailable`` with Retry-After for a failed rollup read; the cause is logged, never sent."""
+    log.warning("%s unavailable: %s", what, describe_failure(settings, exc))
+    return ApiError(
+        503, f"{what}_unavailable", f"the {what} store (ClickHouse) cannot be read; retry shortly",
+        headers={"Retry-After": "5"},
+    )  # fmt: skip
+
+
+def iso_ms(ms: int | None) -> str | None:
     """Epoch milliseconds as an ISO 8601 UTC time with milliseconds."""
     if ms is None:
         return None
@@ -291,8 +299,8 @@ def compute_results(
         "multiple_testing": {"method": "holm", "comparisons": comparisons},
         "srm": srm,
         "data_freshness": {
-            "latest_event_time": _iso_ms(fresh.watermark_ms),
-            "rollups_updated_at": _iso_ms(fresh.run_at_ms),
+            "latest_event_time": iso_ms(fresh.watermark_ms),
+            "rollups_updated_at": iso_ms(fresh.run_at_ms),
             "age_seconds": None if age is None else round(age, 3),
         },
         "variants": [

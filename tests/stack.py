@@ -12,12 +12,15 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from abstream.clickhouse import client as ch_client
 from abstream.config import Settings
 from abstream.devstack.ports import free_port
 from abstream.devstack.supervisor import Child, abstream_argv, http_ok, wait_healthy
@@ -156,3 +159,29 @@ def log_dir() -> Path:
     path = Path(tempfile.gettempdir()) / "abstream-test-logs"
     path.mkdir(exist_ok=True)
     return path
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
+    """Poll ``check`` until it returns something truthy (returned), or fail naming ``what`` and the last answer."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+
+def rows(settings: Settings, sql: str, **params: Any) -> list[tuple[Any, ...]]:
+    """The rows of one parameterised query, on a client of its own."""
+    c = ch_client(settings)
+    try:
+        return list(c.query(sql, parameters=params).result_rows)
+    finally:
+        c.close()
+
+
+def scalar(settings: Settings, sql: str, **params: Any) -> Any:
+    """The first value of the first row of one parameterised query."""
+    return rows(settings, sql, **params)[0][0]

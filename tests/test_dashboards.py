@@ -17,7 +17,6 @@ import statistics
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -33,6 +32,7 @@ from abstream.clickhouse import client as ch_client
 from abstream.config import Settings
 from abstream.migrate import migrate
 from gateway.assignment import Bucketer
+from tests.stack import rows, scalar, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
@@ -219,29 +219,6 @@ class Known:
     def sources(self, experiment_id: int) -> set[tuple[str, str]]:
         users = {u for (u, e) in self.assignments if e == experiment_id}
         return {("tracked" if s.kind == "metric" else "event", s.name) for s in self.events if s.user in users}
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
-
-
-def rows(settings: Settings, sql: str, **params: Any) -> list[tuple[Any, ...]]:
-    c = ch_client(settings)
-    try:
-        return list(c.query(sql, parameters=params).result_rows)
-    finally:
-        c.close()
-
-
-def scalar(settings: Settings, sql: str, **params: Any) -> Any:
-    return rows(settings, sql, **params)[0][0]
 
 
 def _post(url: str, body: Any, status: int = 200) -> Any:

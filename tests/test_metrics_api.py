@@ -17,8 +17,7 @@ from statsmodels.stats.proportion import proportion_confint
 
 from abstream.config import Settings
 from abstream.migrate import migrate
-from tests.stack import app_process, log_dir
-from tests.test_stream_workers import rows, wait_for
+from tests.stack import app_process, log_dir, rows, wait_for
 
 METRICS_TOKEN = "metrics-" + uuid.uuid4().hex
 ADMIN_TOKEN = "admin-" + uuid.uuid4().hex

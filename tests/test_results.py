@@ -22,7 +22,8 @@ from statsmodels.stats.proportion import confint_proportions_2indep, proportions
 from statsmodels.stats.weightstats import CompareMeans, DescrStatsW
 
 from abstream.config import Settings
-from tests.test_stream_workers import assert_verify_clean, rows, wait_for
+from tests.stack import rows, wait_for
+from tests.test_stream_workers import assert_verify_clean
 
 REL = 1e-6
 

@@ -22,7 +22,8 @@ from statsmodels.stats.proportion import proportion_confint
 from abstream.clickhouse import client as ch_client
 from abstream.config import Settings
 from abstream.migrate import migrate
-from tests.test_dashboards import CALICRITTERS_USERS, FUNNEL, Known, load_known_data, rows
+from tests.stack import rows
+from tests.test_dashboards import CALICRITTERS_USERS, FUNNEL, Known, load_known_data
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "sql.md"

@@ -13,7 +13,6 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,37 +28,10 @@ from abstream.devstack.supervisor import Child, abstream_argv, http_ok, wait_hea
 from abstream.migrate import migrate
 from stream_workers.verify import actual_totals, differences, expected_totals
 from tests import oracle
-from tests.stack import app_process, log_dir, start_app
+from tests.stack import app_process, log_dir, rows, scalar, start_app, wait_for
 from tests.test_dashboards import DASHBOARDS, panel_results
 
 INGESTION_DASHBOARD = next(p for p in DASHBOARDS if p.name == "ingestion.json")
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
-
-
-def scalar(settings: Settings, sql: str, **params: Any) -> Any:
-    c = ch_client(settings)
-    try:
-        return c.query(sql, parameters=params).result_rows[0][0]
-    finally:
-        c.close()
-
-
-def rows(settings: Settings, sql: str, **params: Any) -> list[tuple[Any, ...]]:
-    c = ch_client(settings)
-    try:
-        return list(c.query(sql, parameters=params).result_rows)
-    finally:
-        c.close()
 
 
 def assert_verify_clean(settings: Settings) -> None:
