@@ -108,6 +108,12 @@ def cmd_results(args: argparse.Namespace) -> int:
     return run(_settings(args), args.experiment, level, args.metric, args.json)
 
 
+def cmd_loadgen(args: argparse.Namespace) -> int:
+    from abstream.loadgen.command import main as loadgen_main
+
+    return loadgen_main(args, _settings(args))
+
+
 BENCHMARKS = ("ingest", "assign", "bucketing", "validation", "worker", "results", "metrics")
 
 
@@ -201,6 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", default="0.95", help="confidence level: 0.90, 0.95 or 0.99 (default 0.95)")
     p.add_argument("--metric", help="only this metric (its key)")
 
+    from abstream.loadgen.command import add_arguments as loadgen_arguments
+
+    p = add(
+        "loadgen",
+        cmd_loadgen,
+        "Simulate a population through the public HTTP surfaces (a scenario with true effects, fixed seed); "
+        "--check compares the pipeline with the exact truth and each interval with the true effect.",
+    )
+    loadgen_arguments(p)
+
     p = add(
         "bench",
         cmd_bench,
@@ -214,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-ONE_SHOT = ("migrate", "verify", "results")
+ONE_SHOT = ("migrate", "verify", "results", "loadgen")
 """Commands that run once and exit (not services)."""
 
 
@@ -229,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ONE_SHOT:
         # A one-line error says what went wrong; the client libraries' retry warnings would bury it in tracebacks.
         # (urllib3.connectionpool itself: clickhouse-connect sets the "urllib3" logger's level when imported)
-        for name in ("urllib3.connectionpool", "clickhouse_connect"):
+        for name in ("urllib3.connectionpool", "clickhouse_connect", "httpx"):
             logging.getLogger(name).setLevel(logging.ERROR)
     try:
         return int(args.handler(args) or 0)
