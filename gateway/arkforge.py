@@ -103,6 +103,8 @@ async def create_test(request: Request) -> Response:
         raise validation_failed(exc) from None
     try:
         experiment = await core.registry.create(body)
+    except ValidationError as exc:  # a rule of the registry entry the request model does not repeat (two controls)
+        raise validation_failed(exc) from None
     except KafkaUnavailable as exc:
         raise unavailable(str(exc)) from exc
     return JSONResponse(ABTestOut.from_experiment(experiment).model_dump(mode="json"), status_code=201)

@@ -59,6 +59,7 @@ from typing import Any
 import orjson
 
 from abstream.config import Settings
+from gateway.body import refuse_duplicate_keys
 from gateway.dedup import NO_IDS, DedupCache
 from gateway.records import PublishRecord, ServerIds, dead_letter, encode_user, new_record_event
 from gateway.rules import (
@@ -267,6 +268,7 @@ def ingest_v1(payload: Any, received_at_ms: int, settings: Settings, dedup: Dedu
         what = "is required" if events is None else "must be a non-empty JSON array of events"
         raise envelope("invalid_events", "events", what)
     check_count(len(events), lim, "events")
+    kept = len(payload)  # keys of the objects walked here, for refuse_duplicate_keys
 
     session_id, app_version, install_id = ctx["session_id"], ctx["app_version"], ctx["install_id"]
     batch = _Batch("v1", received_at_ms, dedup)
@@ -299,6 +301,7 @@ def ingest_v1(payload: Any, received_at_ms: int, settings: Settings, dedup: Dedu
         try:
             if type(ev) is not dict:
                 raise Reject("invalid_event", "", "must be a JSON object")
+            kept += len(ev)
             name = ev.get("event_name")
             if type(name) is not str or name not in known_names:
                 name = checked_name(ev, "event_name")
@@ -325,12 +328,13 @@ def ingest_v1(payload: Any, received_at_ms: int, settings: Settings, dedup: Dedu
                     corrected_time(occurred_ms, skew, "occurred_at", lim, received_at_ms)
             event_id = ev.get("event_id")
             if event_id is not None and (
-                type(event_id) is not str or not 0 < len(event_id) <= id_len or event_id.isspace()
+                type(event_id) is not str or not 0 < len(event_id) <= id_len or event_id.isspace() or "\x00" in event_id
             ):
                 raise Reject("invalid_event_id", "event_id", id_message(id_len))
             value = ev.get("properties")
             properties = None
             if type(value) is dict and value:
+                kept += len(value)
                 try:
                     raw = dumps(value)
                     if len(raw) <= obj_bytes and (
@@ -344,6 +348,7 @@ def ingest_v1(payload: Any, received_at_ms: int, settings: Settings, dedup: Dedu
             value = ev.get("context")
             context = None
             if type(value) is dict and value:
+                kept += len(value)
                 try:
                     raw = dumps(value)
                     if len(raw) <= obj_bytes and (
@@ -388,6 +393,7 @@ def ingest_v1(payload: Any, received_at_ms: int, settings: Settings, dedup: Dedu
         out_ids.append(event_id)
         out_client_ids.append(client_id)
         entries.append(event_id)  # the result object is built when the answer is serialised
+    refuse_duplicate_keys(payload, kept)
     batch.accepted = len(entries) - len(batch.rejected_records)
     if out_events:
         batch.groups[user_id] = (out_events, out_ids, out_client_ids)
@@ -436,17 +442,29 @@ def _user_of(ev: object, lim: Limits) -> str | None:
 
 
 def _apiv1(
-    events: list[Any], prefix: str | None, received_at_ms: int, settings: Settings, dedup: DedupCache | None
+    payload: Any,
+    events: list[Any],
+    prefix: str | None,
+    received_at_ms: int,
+    settings: Settings,
+    dedup: DedupCache | None,
 ) -> IngestResult:
     lim = limits(settings)
     batch = _Batch("apiv1", received_at_ms, dedup)
+    kept = 0  # keys of the objects walked here, for refuse_duplicate_keys
     for index, ev in enumerate(events):
+        if type(ev) is dict:
+            kept += len(ev)
+            properties = ev.get("properties")
+            if type(properties) is dict:
+                kept += len(properties)
         try:
             user_id, event_id, event = _apiv1_event(ev, lim, received_at_ms)
         except Reject as exc:
             batch.reject(index, exc, f"{prefix}{index}" if prefix is not None else "", ev, _user_of(ev, lim))
             continue
         batch.accept(index, user_id, event, event_id)
+    refuse_duplicate_keys(payload, kept)
     return batch.finish()
 
 
@@ -459,7 +477,7 @@ def ingest_apiv1_one(
     """
     if type(payload) is not dict:
         raise envelope("invalid_body", "body", "must be a JSON object (one event); use /apiv1/events/batch for arrays")
-    return _apiv1([payload], None, received_at_ms, settings, dedup)
+    return _apiv1(payload, [payload], None, received_at_ms, settings, dedup)
 
 
 def ingest_apiv1_batch(
@@ -471,7 +489,7 @@ def ingest_apiv1_batch(
     if not payload:
         raise envelope("invalid_events", "body", "must contain at least one event")
     check_count(len(payload), limits(settings), "body")
-    return _apiv1(payload, "", received_at_ms, settings, dedup)
+    return _apiv1(payload, payload, "", received_at_ms, settings, dedup)
 
 
 def ingest_track(
@@ -488,6 +506,7 @@ def ingest_track(
         raise envelope("invalid_test_id", "test_id", id_message(lim.id_len))
     if type(payload) is not dict:
         raise envelope("invalid_body", "body", "must be a JSON object with user_id, metric_name and value")
+    refuse_duplicate_keys(payload)
     batch = _Batch("track", received_at_ms, dedup)
     try:
         user_id = payload.get("user_id")

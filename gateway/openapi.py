@@ -8,7 +8,9 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
+from gateway.http_protocol import BODY_MIN_RATE, BODY_TIMEOUT_S, HEAD_TIMEOUT_S, MAX_HEAD_BYTES
 from gateway.routes import Endpoint
+from schemas.errors import ErrorResponse
 
 _PARAM = re.compile(r"{([^}]+)}")
 _REF = "#/components/schemas/{model}"
@@ -56,13 +58,15 @@ def build_openapi(endpoints: Iterable[Endpoint], version: str) -> dict[str, Any]
             }
         if params:
             op["parameters"] = params
+        # a body that does not arrive in time is refused by every route that reads one (gateway.plumbing)
+        responses = {**ep.responses, 408: ErrorResponse} if ep.request is not None else ep.responses
         op["responses"] = {
             str(status): {
                 "description": _DESCRIPTIONS.get(status, "answer"),
                 **({"content": {"application/json": {"schema": _schema_of(model, components)}}} if model else {}),
                 **({"headers": {"Retry-After": _RETRY_AFTER}} if status == 503 else {}),
             }
-            for status, model in sorted(ep.responses.items())
+            for status, model in sorted(responses.items())
         }
         if ep.admin:
             op["security"] = [{"adminToken": []}]
@@ -74,7 +78,7 @@ def build_openapi(endpoints: Iterable[Endpoint], version: str) -> dict[str, Any]
         "info": {
             "title": "abstream gateway",
             "version": version,
-            "description": "Both API surfaces: Calicritters (/v1) and ArkForge (/apiv1), over one core.",
+            "description": "Both API surfaces: Calicritters (/v1) and ArkForge (/apiv1), over one core. " + _CONNECTION,
         },
         "paths": paths,
         "components": {
@@ -89,7 +93,14 @@ def build_openapi(endpoints: Iterable[Endpoint], version: str) -> dict[str, Any]
 
 _BODY = (
     "JSON, UTF-8. `text/plain` is read as JSON too (what `navigator.sendBeacon` and no-preflight `fetch` send). "
-    "Integers must lie in [-2^63, 2^64-1] (`integer_out_of_range`)."
+    "Integers must lie in [-2^63, 2^64-1] (`integer_out_of_range`). An object naming a key twice is refused whole "
+    "(400 `duplicate_key`, the path of the key in `details`): readers disagree on which value counts. The body must "
+    f"arrive within {BODY_TIMEOUT_S:.0f} s plus 1 s per {BODY_MIN_RATE:,} bytes (408 `body_timeout`)."
+)
+_CONNECTION = (
+    'Every error answer is `{"error": {"code", "message", "details"}}`, those of the connection too: 431 '
+    f"`headers_too_large` (request line and headers over {MAX_HEAD_BYTES // 1024} KiB), 408 `header_timeout` (a head "
+    f"not complete within {HEAD_TIMEOUT_S:.0f} s), 400 `invalid_http` (not HTTP/1.1); the connection is then closed."
 )
 _CONTENT_ENCODING = {
     "name": "Content-Encoding",
@@ -108,6 +119,7 @@ _DESCRIPTIONS = {
     401: "Missing bearer token",
     403: "Wrong bearer token",
     404: "Not found",
+    408: "The body did not arrive in time (`body_timeout`); the connection is closed",
     409: "Conflict",
     413: "Body, decompressed body or batch too large",
     415: "Unsupported Content-Type or Content-Encoding",

@@ -3,6 +3,7 @@ and the access log that masks user identifiers."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -14,7 +15,8 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from abstream.config import Settings
-from gateway.body import decode_body
+from gateway.body import decode_body, refuse_duplicate_keys
+from gateway.http_protocol import BODY_MIN_RATE, BODY_TIMEOUT_S
 from schemas.errors import ApiError
 
 log = logging.getLogger("abstream.gateway")
@@ -53,22 +55,28 @@ async def read_json(request: Request, settings: Settings, *, per_event: bool = F
 
     ``per_event``: an ingestion body, whose numbers no 64-bit reader keeps (an integer beyond 64 bits, 1e999)
     are left for each event's validation to reject (see :func:`gateway.body.decode_body`) instead of refusing
-    the whole request. A refusal carries the body for its dead letter (``ApiError.sent``).
+    the whole request, and duplicate keys for the ingestion core to refuse (it counts the keys anyway). A refusal
+    carries the body for its dead letter (``ApiError.sent``).
     """
     try:
         body = await _read_body(request, settings)
     except ClientDisconnect:  # nobody is left to answer: a 400 in the access log, not a 500 and a traceback
         raise ApiError(400, "incomplete_body", "the client closed the connection before the whole body") from None
-    return decode_body(
+    value = decode_body(
         request.headers.get("content-type"),
         request.headers.get("content-encoding"),
         body,
         settings,
         big_integers="mark" if per_event else "refuse",
     )
+    if not per_event:  # the ingestion core checks while it walks the events (gateway.ingest)
+        refuse_duplicate_keys(value)
+    return value
 
 
 async def _read_body(request: Request, settings: Settings) -> bytes:
+    """The body, refused as soon as it is too large (413) or too slow (408 ``body_timeout``: BODY_TIMEOUT_S plus a
+    second per BODY_MIN_RATE bytes received, so a client trickling bytes cannot hold the request open)."""
     length = request.headers.get("content-length")
     if length is not None:
         try:
@@ -77,15 +85,36 @@ async def _read_body(request: Request, settings: Settings) -> bytes:
             raise ApiError(400, "invalid_content_length", "Content-Length is not a number") from None
         if declared > settings.max_body_bytes:
             raise ApiError(413, "payload_too_large", f"body is larger than {settings.max_body_bytes} bytes")
-        return await request.body()
+    receive = request.receive
+    deadline = asyncio.get_running_loop().time() + BODY_TIMEOUT_S
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > settings.max_body_bytes:
-            raise ApiError(413, "payload_too_large", f"body is larger than {settings.max_body_bytes} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    while True:
+        try:
+            async with asyncio.timeout_at(deadline):
+                message = await receive()
+        except TimeoutError:
+            raise ApiError(
+                408,
+                "body_timeout",
+                f"the body did not arrive in time ({size} bytes in; {BODY_TIMEOUT_S:.0f} s plus 1 s per "
+                f"{BODY_MIN_RATE} bytes allowed)",
+                headers={"Connection": "close"},
+            ) from None
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > settings.max_body_bytes:
+                raise ApiError(413, "payload_too_large", f"body is larger than {settings.max_body_bytes} bytes")
+            chunks.append(chunk)
+            deadline += len(chunk) / BODY_MIN_RATE
+        if not message.get("more_body", False):
+            break
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    request._body = body  # Starlette's cache: request.body() answers the same bytes
+    return body
 
 
 async def api_error_handler(request: Request, exc: Exception) -> Response:

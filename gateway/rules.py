@@ -96,11 +96,13 @@ def envelope(code: str, field: str, message: str, status: int = 400) -> ApiError
 
 
 def is_id(value: object, max_len: int) -> bool:
-    return type(value) is str and 0 < len(value) <= max_len and not value.isspace()
+    """A non-blank string of at most ``max_len`` characters without NUL: C strings, terminals and many a database
+    (PostgreSQL text) end a string at the first NUL, so an id holding one would be cut, or refused, downstream."""
+    return type(value) is str and 0 < len(value) <= max_len and not value.isspace() and "\x00" not in value
 
 
 def id_message(max_len: int) -> str:
-    return f"must be a non-blank string of at most {max_len} characters"
+    return f"must be a non-blank string of at most {max_len} characters, without NUL (U+0000)"
 
 
 def checked_name(ev: dict[str, Any], key: str) -> str:

@@ -38,7 +38,10 @@ STOP_GRACE_S = 10.0
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
-    return {"log_level": settings.log_level.lower(), "access_log": False}
+    """uvicorn's options; the HTTP protocol is httptools' with the head and body limits of gateway.http_protocol."""
+    from gateway.http_protocol import GatewayHttpProtocol
+
+    return {"log_level": settings.log_level.lower(), "access_log": False, "http": GatewayHttpProtocol}
 
 
 def bind_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:

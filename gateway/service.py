@@ -141,7 +141,8 @@ class GatewayCore:
         try:
             return ingest(payload, *args, self.received_at_ms(), self.settings, self.dedup)  # type: ignore[no-any-return]
         except ApiError as err:
-            err.sent = payload
+            if err.sent is None:  # a duplicate_key refusal already carries the body as sent, both keys in it
+                err.sent = payload
             raise
 
     def record_refusal(self, surface: str, err: ApiError) -> None:

@@ -250,6 +250,8 @@ def _check_object(value: dict[str, Any]) -> dict[str, Any]:
 def _check_id(value: str) -> str:
     if value.isspace():
         raise ValueError("must contain a non-space character")
+    if "\x00" in value:  # gateway.rules.is_id: downstream C strings would end there
+        raise ValueError("must not contain NUL (U+0000)")
     return value
 
 

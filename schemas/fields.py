@@ -56,6 +56,8 @@ def _id_limit(context: Any) -> int:
 def _check_id_length(value: str, info: ValidationInfo) -> str:
     if value.isspace():
         raise PydanticCustomError("blank_string", "must contain a non-space character")
+    if "\x00" in value:  # C strings, terminals and PostgreSQL text end at the first NUL: the id would be cut
+        raise PydanticCustomError("nul_character", "must not contain NUL (U+0000)")
     limit = _id_limit(info.context)
     if len(value) > limit:
         raise PydanticCustomError(
