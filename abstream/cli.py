@@ -114,6 +114,12 @@ def cmd_loadgen(args: argparse.Namespace) -> int:
     return loadgen_main(args, _settings(args))
 
 
+def cmd_chaos(args: argparse.Namespace) -> int:
+    from abstream.chaos.command import main as chaos_main
+
+    return chaos_main(args)
+
+
 BENCHMARKS = ("ingest", "assign", "bucketing", "validation", "worker", "results", "metrics")
 
 
@@ -122,6 +128,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     module = importlib.import_module(f"abstream.bench.{args.benchmark}")
     return int(module.main(args.bench_args) or 0)
+
+
+def cmd_fuzz(args: argparse.Namespace) -> int:
+    from abstream.fuzz.main import main as fuzz_main
+
+    return fuzz_main(args)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -217,6 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     loadgen_arguments(p)
 
+    from abstream.chaos.command import add_arguments as chaos_arguments
+
+    p = add(
+        "chaos",
+        cmd_chaos,
+        "Loadgen at a steady rate on a private stack while workers and the gateway are SIGKILLed, ClickHouse is "
+        "stopped and the broker cut off; then, per fault, acknowledged events against event_logs and verify.",
+    )
+    chaos_arguments(p)
+
     p = add(
         "bench",
         cmd_bench,
@@ -226,11 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("benchmark", choices=BENCHMARKS, help="which benchmark")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="options passed to that benchmark")
 
+    from abstream.fuzz.main import DESCRIPTION as FUZZ_DESCRIPTION
+    from abstream.fuzz.main import add_arguments as fuzz_arguments
+
+    fuzz_arguments(add("fuzz", cmd_fuzz, FUZZ_DESCRIPTION))
+
     add("config", cmd_config, "Print every setting, its environment variable, value and default.")
     return parser
 
 
-ONE_SHOT = ("migrate", "verify", "results", "loadgen")
+ONE_SHOT = ("migrate", "verify", "results", "loadgen", "chaos")
 """Commands that run once and exit (not services)."""
 
 

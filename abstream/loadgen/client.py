@@ -35,6 +35,7 @@ class Ledger:
     gzip_requests: int = 0
     resent_after_success: int = 0
     retried: Counter[str] = field(default_factory=Counter)  # why a request was sent again: status or error
+    failures: list[tuple[float, str]] = field(default_factory=list)  # (epoch s, why) of every failed attempt
     refused: Counter[str] = field(default_factory=Counter)  # whole requests refused: "400 code"
     rejected: Counter[str] = field(default_factory=Counter)  # single events rejected, by code
     refused_events: int = 0  # events inside requests refused whole
@@ -125,6 +126,7 @@ class Device:
                 if retry_after.isdigit():
                     delay = max(delay, min(float(retry_after), 5.0))
             self.ledger.retried[why] += 1
+            self.ledger.failures.append((time.time(), why))
             if time.monotonic() + delay > deadline:
                 raise GaveUp(f"{method} {path}: still failing ({why}) after {self.retry_for_s:.0f} s")
             await asyncio.sleep(delay)
