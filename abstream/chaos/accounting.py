@@ -3,7 +3,6 @@ the broker outage, what the gateway answered while the broker was away."""
 
 from __future__ import annotations
 
-import time
 from bisect import bisect_right
 from dataclasses import dataclass
 
@@ -44,23 +43,6 @@ def stored_counts(settings: Settings, prefix: str) -> dict[tuple[str, str], int]
     finally:
         c.close()
     return {(u, e): int(n) for u, e, n in rows}
-
-
-def wait_until_stored(settings: Settings, prefix: str, acked: dict[tuple[str, str], float], timeout_s: float) -> float:
-    """Poll until every acknowledged event is in event_logs (or the timeout); seconds waited."""
-    t0 = time.monotonic()
-    want = len(acked)
-    c = ch_client(settings)
-    try:
-        while time.monotonic() - t0 < timeout_s:
-            have = c.query("SELECT count() FROM event_logs FINAL WHERE startsWith(user_id, {p:String})",
-                           parameters={"p": prefix}).result_rows[0][0]  # fmt: skip
-            if have >= want:
-                break
-            time.sleep(1.0)
-    finally:
-        c.close()
-    return time.monotonic() - t0
 
 
 def windows(faults: list[Fault], ledger: Ledger, stored: dict[tuple[str, str], int], run_start: float) -> list[Window]:

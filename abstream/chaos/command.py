@@ -139,10 +139,10 @@ def _account(args: argparse.Namespace, stack: object, faults: list[Fault], run: 
     dead = stack.check_alive()
     prefix = f"lg-{run.run_id}-"
     console.print(f"load stopped after {run.seconds:.0f} s; waiting for the pipeline to drain …")
-    drained = accounting.wait_until_stored(stack.settings, prefix, run.ledger.acked, timeout_s=300)
+    report = checking.check(stack.settings, run, before, drain_timeout_s=300)  # type: ignore[arg-type]
+    drained = report.waited_s
     stored = accounting.stored_counts(stack.settings, prefix)
     wins = accounting.windows(faults, run.ledger, stored, run.started_at)
-    report = checking.check(stack.settings, run, before)  # type: ignore[arg-type]
     diffs = verify.differences(verify.expected_totals(stack.settings), verify.actual_totals(stack.settings))
     never_acked = sum(1 for key in stored if key not in run.ledger.acked)
     figures = {

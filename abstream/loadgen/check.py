@@ -134,8 +134,8 @@ def _close(a: float | None, b: float) -> bool:
     return a is not None and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
 
 
-def check(settings: Settings, run: Run, before: Snapshot | None) -> Report:
-    report = Report(waited_s=wait_for_pipeline(settings, run))
+def check(settings: Settings, run: Run, before: Snapshot | None, drain_timeout_s: float = 180.0) -> Report:
+    report = Report(waited_s=wait_for_pipeline(settings, run, drain_timeout_s))
     truth: Truth = run.truth
     prefix = f"lg-{run.run_id}-"
     c = ch_client(settings)
