@@ -9,7 +9,9 @@ it commits, for each, the offset after its checkpoint (after checking that the r
 is still the same record: the embedded broker recreates topics from offset 0 when it restarts), so
 Faust resumes there whatever it had committed before. Before processing, it reads the partition's
 state back from ClickHouse: the users' first assignments (merged with the Faust table
-``user_assignments``) and their stored events (event_logs FINAL), from which it recomputes every
+``user_assignments``, whose changelog can run ahead of ClickHouse: an assignment known only from the
+table is still written when its record is replayed) and their stored events (event_logs FINAL), from
+which it recomputes every
 user's rollup contribution and the partition's totals. Records are processed contiguously from the
 checkpoint; event_ids already written are dropped. Kafka offsets are acknowledged to Faust only after
 their rows are in ClickHouse, so a SIGKILL at any moment either replays records (deduplicated) or
@@ -90,6 +92,9 @@ class PartitionState:
     pending_acks: list[tuple[Any, Any]] = field(default_factory=list)
     watermark_ms: int | None = None
     sought: dict[str, tuple[int, float]] = field(default_factory=dict)
+    # first assignments the rebuild took from the Faust table, not (yet) in ClickHouse: (user, experiment,
+    # phase, assigned_at ms). Their records are replayed from the checkpoint and must still be written.
+    unwritten: set[tuple[str, int, int, int]] = field(default_factory=set)
 
     def user(self, user_id: str) -> UserState:
         u = self.users.get(user_id)
@@ -233,7 +238,10 @@ class Pipeline:
             if self.partitioner(user_id.encode(), list(range(n)), list(range(n))) != part.partition:
                 continue
             for data in stored.values():
-                self._keep_first(part.user(user_id), Assignment(**data))
+                a = Assignment(**data)
+                if self._keep_first(part.user(user_id), a):
+                    # the changelog can run ahead of ClickHouse: applied and sent, the flush never landed
+                    part.unwritten.add((user_id, a.experiment_id, a.phase, a.assigned_at_ms))
 
     @staticmethod
     def _keep_first(user: UserState, a: Assignment) -> bool:
@@ -360,7 +368,10 @@ class Pipeline:
             return
         user = part.user(user_id)
         if not self._keep_first(user, a):
-            return
+            key = (user_id, a.experiment_id, a.phase, a.assigned_at_ms)
+            if key not in part.unwritten:
+                return  # a later assignment of a user who has one: not an exposure
+            part.unwritten.discard(key)  # known from the table only: its row is written now
         stored = dict(self.table[user_id])
         stored[str(a.experiment_id)] = a.as_json() | {"assignment_version": a.assignment_version}
         self.table[user_id] = stored
