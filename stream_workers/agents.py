@@ -26,7 +26,7 @@ from abstream.config import TOPIC_ASSIGNMENTS, TOPIC_EVENTS, TOPIC_EXPERIMENTS, 
 from schemas.buckets import bucket_bounds
 from schemas.registry import RegistryRecord, RegistryState
 from stream_workers.app import create_app
-from stream_workers.checkpoints import CHECKPOINT_COLUMNS, checkpoint_row, record_digest, resume_offsets
+from stream_workers.checkpoints import CHECKPOINT_COLUMNS, checkpoint_row, read_gap, record_digest, resume_offsets
 from stream_workers.pipeline import Pipeline
 from stream_workers.sink import ClickHouseWriter
 
@@ -67,18 +67,27 @@ class CopySink:
             expected = self.next.get(msg.partition, 0)
             if msg.offset < expected:
                 return
-            if msg.offset > expected:  # the position ran ahead of the checkpoint: go back (once a second)
-                if time.monotonic() - self.sought.get(msg.partition, 0.0) > 1.0:
-                    self.sought[msg.partition] = time.monotonic()
-                    await self.app.consumer.seek_wait({TP(msg.topic, msg.partition): expected})
-                return
-            self.next[msg.partition] = msg.offset + 1
-            self.last[msg.partition] = (msg.topic, msg.offset, msg.value)  # hashed at flush
+            if msg.offset > expected:  # the position ran ahead of the checkpoint: read the gap directly
+                gap = await read_gap(self.writer.settings, TP(msg.topic, msg.partition), expected, msg.offset)
+                if gap is None:  # the broker did not answer: seek back (once a second), the records come again
+                    if time.monotonic() - self.sought.get(msg.partition, 0.0) > 1.0:
+                        self.sought[msg.partition] = time.monotonic()
+                        await self.app.consumer.seek_wait({TP(msg.topic, msg.partition): expected})
+                    return
+                for offset, value in gap:
+                    self._copy(msg.topic, msg.partition, offset, value)
+        self._copy(msg.topic, msg.partition, msg.offset, msg.value)
+
+    def _copy(self, topic: str, partition: int, offset: int, value: bytes) -> None:
+        """Buffer the rows of one record (and, checkpointed, make it the partition's last)."""
+        if self.checkpointed:
+            self.next[partition] = offset + 1
+            self.last[partition] = (topic, offset, value)  # hashed at flush
         try:
-            for table, rows in self.to_rows(msg.value, msg.partition, msg.offset).items():
+            for table, rows in self.to_rows(value, partition, offset).items():
                 self.rows[table] += rows
         except (ValueError, KeyError, TypeError) as exc:
-            log.error("%s offset %d: unreadable record skipped: %s", msg.topic, msg.offset, exc)
+            log.error("%s offset %d: unreadable record skipped: %s", topic, offset, exc)
 
     async def flush(self) -> None:
         async with self.lock:

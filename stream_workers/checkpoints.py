@@ -58,6 +58,57 @@ async def record_at(settings: Settings, tp: TP, offset: int) -> tuple[int, str] 
         await consumer.stop()
 
 
+GAP_READ_ATTEMPTS = 3
+
+
+async def read_range(settings: Settings, tp: TP, start: int, end: int) -> list[tuple[int, bytes]]:
+    """The records of ``tp`` at offsets ``start`` up to (not including) ``end``, read with a consumer of its own.
+
+    Why not seek the worker's consumer back: Faust drops every record below the highest offset it has handed
+    to the stream, and records of the batch being delivered while the seek happens raise that mark again, so a
+    seek back from the middle of a stream can be undone each time and the partition never gets past the gap.
+    Offsets the log does not have (compacted away, transaction markers, retention) are simply absent.
+    """
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers, group_id=None, enable_auto_commit=False,
+        auto_offset_reset="earliest", max_partition_fetch_bytes=4 * 1024 * 1024,
+    )  # fmt: skip
+    ktp = TopicPartition(tp.topic, tp.partition)
+    await consumer.start()
+    try:
+        consumer.assign([ktp])
+        consumer.seek(ktp, start)
+        out: list[tuple[int, bytes]] = []
+        empty = 0
+        while empty < 3:
+            batch = (await consumer.getmany(ktp, timeout_ms=1000)).get(ktp, [])
+            empty = 0 if batch else empty + 1
+            for m in batch:
+                if m.offset >= end:
+                    return out
+                if m.offset >= start:
+                    out.append((m.offset, m.value))
+            if out and out[-1][0] == end - 1:
+                return out
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def read_gap(settings: Settings, tp: TP, start: int, end: int) -> list[tuple[int, bytes]] | None:
+    """``read_range`` with retries (the broker may be away for a moment); None when it could not be read."""
+    delay = 0.5
+    for attempt in range(GAP_READ_ATTEMPTS):
+        try:
+            return await read_range(settings, tp, start, end)
+        except Exception as exc:  # noqa: BLE001 - any client error: try again, then say so
+            log.warning("%s[%d]: reading offsets %d..%d directly failed (attempt %d): %s", tp.topic, tp.partition,
+                        start, end - 1, attempt + 1, exc)  # fmt: skip
+            await asyncio.sleep(delay)
+            delay *= 2
+    return None
+
+
 async def resume_offsets(writer: ClickHouseWriter, settings: Settings, tps: Iterable[TP]) -> dict[TP, int]:
     """The offset to resume at for each topic partition (0 without a valid checkpoint)."""
     tps = sorted(tps)

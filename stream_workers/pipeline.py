@@ -49,7 +49,7 @@ from abstream.config import TOPIC_ASSIGNMENTS, TOPIC_EVENTS, Settings
 from schemas.analysis import DEFAULT_RULES, ExperimentRules
 from schemas.events import decode_record
 from schemas.experiments import load_manifest
-from stream_workers.checkpoints import CHECKPOINT_COLUMNS, checkpoint_row, record_digest
+from stream_workers.checkpoints import CHECKPOINT_COLUMNS, checkpoint_row, read_gap, record_digest
 from stream_workers.rollups import (
     MS_PER_DAY,
     Assignment,
@@ -152,8 +152,9 @@ class Pipeline:
                 self._inflight = None
 
     async def _seek(self, part: PartitionState, topic: str, offset: int) -> None:
-        """Position the consumer at ``offset`` (in the consumer's own thread). Records already buffered
-        past it arrive first and only drop; the same seek is repeated after 5 s if still needed."""
+        """Position the consumer at ``offset`` (in the consumer's own thread): the fallback when a gap could not
+        be read directly (``read_gap``). Records already buffered past it arrive first and only drop; the same
+        seek is repeated after 5 s if still needed."""
         now = time.monotonic()
         last = part.sought.get(topic)
         if last is not None and last[0] == offset and now - last[1] < 5.0:
@@ -258,29 +259,40 @@ class Pipeline:
         """Process each partition's records contiguously from what ClickHouse holds, whatever was committed.
 
         A record past the next expected offset means the consumer position ran ahead of what is written
-        (a rebalance seeks to Kafka's committed offsets): seek back to the expected offset and drop the
-        record, it comes again. A record before it was already applied: skip it.
+        (Faust starts at Kafka's committed offsets, and a seek back can be undone by records in flight): the
+        records in between are read directly from the broker and applied first. A record before it was
+        already applied: skip it.
         """
         message = event.message
         part = await self.state_for(message.partition)
         part.pending_acks.append((stream, event))
         is_events = message.topic == self.events_topic
         expected = part.events_next if is_events else part.assignments_next
-        if message.offset > expected:
-            await self._seek(part, message.topic, expected)
-            return
         if message.offset < expected:
             return
-        if is_events:
-            self._on_events(part, message.offset, message.value)
-            part.events_next = message.offset + 1
-        else:
-            self._on_assignment(part, message.offset, message.value)
-            part.assignments_next = message.offset + 1
-        part.last_record[message.topic] = (message.offset, message.value)  # hashed at flush, not per record
+        if message.offset > expected:
+            tp = TP(message.topic, message.partition)
+            gap = await read_gap(self.settings, tp, expected, message.offset)
+            if gap is None:  # the broker did not answer: seek back, the records come again
+                await self._seek(part, message.topic, expected)
+                return
+            log.warning("partition %d: %s records %d..%d read directly (the consumer was past them)",
+                     part.partition, message.topic, expected, message.offset - 1)  # fmt: skip
+            for offset, value in gap:
+                self._apply(part, is_events, message.topic, offset, value)
+        self._apply(part, is_events, message.topic, message.offset, message.value)
         if sum(len(p.event_rows) for p in self.partitions.values()) >= self.flush_rows:
             # Blocks while ClickHouse is away (the writer retries): the agent stops consuming meanwhile.
             await self.flush()
+
+    def _apply(self, part: PartitionState, is_events: bool, topic: str, offset: int, value: bytes) -> None:
+        if is_events:
+            self._on_events(part, offset, value)
+            part.events_next = offset + 1
+        else:
+            self._on_assignment(part, offset, value)
+            part.assignments_next = offset + 1
+        part.last_record[topic] = (offset, value)  # hashed at flush, not per record
 
     def _on_events(self, part: PartitionState, offset: int, value: bytes) -> None:
         try:

@@ -26,6 +26,7 @@ from abstream.loadgen.truth import FUNNEL_EVENTS, METRICS, Truth, true_effect
 
 Snapshot = dict[str, Counter[tuple[Any, ...]]]
 QUIET_S = 2.0
+RECHECK_S = 1.0
 
 
 @dataclass
@@ -55,6 +56,8 @@ class Report:
     rows: list[Row] = field(default_factory=list)
     coverage: list[Coverage] = field(default_factory=list)
     waited_s: float = 0.0
+    reads: int = 0  # comparisons made until equal (or the deadline)
+    caught_up: list[str] = field(default_factory=list)  # rows different at the first read, equal at the last
 
     @property
     def counts_equal(self) -> bool:
@@ -135,7 +138,30 @@ def _close(a: float | None, b: float) -> bool:
 
 
 def check(settings: Settings, run: Run, before: Snapshot | None, drain_timeout_s: float = 180.0) -> Report:
-    report = Report(waited_s=wait_for_pipeline(settings, run, drain_timeout_s))
+    """Compare once the pipeline looks drained; while anything differs, read again (every RECHECK_S) until
+    it is equal or ``drain_timeout_s`` has passed since the start. The pipeline is eventually consistent
+    (events, assignments and each rollup travel separately), so equality is what it must reach, and a
+    difference that stays is reported as it stands at the deadline."""
+    t0 = time.monotonic()
+    wait_for_pipeline(settings, run, drain_timeout_s)
+    reads = 0
+    first: list[str] | None = None
+    while True:
+        report = _compare(settings, run, before)
+        reads += 1
+        if first is None:
+            first = [r.what for r in report.rows if not r.ok]
+        if report.counts_equal or time.monotonic() - t0 >= drain_timeout_s:
+            break
+        time.sleep(RECHECK_S)
+    report.waited_s = time.monotonic() - t0
+    report.reads = reads
+    report.caught_up = [what for what in first or [] if all(r.ok for r in report.rows if r.what == what)]
+    return report
+
+
+def _compare(settings: Settings, run: Run, before: Snapshot | None) -> Report:
+    report = Report()
     truth: Truth = run.truth
     prefix = f"lg-{run.run_id}-"
     c = ch_client(settings)

@@ -107,4 +107,5 @@ def as_json(run: object, report: object) -> dict[str, object]:
         out["check"] = [asdict(r) | {"pipeline": str(r.pipeline), "truth": str(r.truth)} for r in report.rows]
         out["coverage"] = [asdict(c) for c in report.coverage]
         out["counts_equal"] = report.counts_equal
+        out["check_reads"], out["caught_up"] = report.reads, report.caught_up
     return out

@@ -44,7 +44,9 @@ def _counts(counter: dict[str, int]) -> str:
 
 
 def check_table(report: Report) -> Table:
-    t = Table(title=f"the pipeline against the truth (drained in {report.waited_s:.1f} s)", title_justify="left")
+    again = f", {report.reads} reads" if report.reads > 1 else ""
+    t = Table(title=f"the pipeline against the truth (drained in {report.waited_s:.1f} s{again})",
+              title_justify="left")  # fmt: skip
     for col in ("what", "pipeline", "truth", ""):
         t.add_column(col, justify="right" if col in ("pipeline", "truth") else "left")
     for row in report.rows:
@@ -101,6 +103,8 @@ def summary_line(report: Report) -> str:
     intervals = [c for c in report.coverage if c.covered is not None]
     covered = sum(1 for c in intervals if c.covered)
     counts = "every count equal" if report.counts_equal else "COUNTS DIFFER"
+    if report.caught_up:
+        counts += f" (after {report.reads} reads; caught up meanwhile: {'; '.join(report.caught_up)})"
     return f"{counts}; {covered} of {len(intervals)} intervals cover the true effect"
 
 
