@@ -4,22 +4,17 @@ cut broker; every acknowledged event must be in event_logs FINAL exactly once, a
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 
 import orjson
-import pytest
-
-# Opt-in until the assignment loss the full run found is fixed (docs/chaos.md): in 3 of 6 short runs on this box
-# it failed (assignments answered but missing from ClickHouse, verify differences) or hung past 300 s.
-pytestmark = pytest.mark.skipif(
-    os.environ.get("ABSTREAM_CHAOS_TEST") != "1",
-    reason="known failure under faults, see docs/chaos.md; ABSTREAM_CHAOS_TEST=1 runs it",
-)
 
 
 def test_short_chaos_run_loses_and_doubles_nothing() -> None:
-    seed = os.environ.get("ABSTREAM_TEST_SEED", "5")
+    """Fault moments and traffic are seeded and the seed printed: ABSTREAM_TEST_SEED=<seed> replays them."""
+    seed = os.environ.get("ABSTREAM_TEST_SEED") or str(random.SystemRandom().randrange(2**31))
+    print(f"chaos: ABSTREAM_TEST_SEED={seed}")
     proc = subprocess.run(
         [sys.executable, "-m", "abstream.cli", "chaos", "--short", "--scenario", "ci", "--rate", "300",
          "--seed", seed, "--json"],

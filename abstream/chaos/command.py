@@ -150,7 +150,8 @@ def _account(args: argparse.Namespace, stack: object, faults: list[Fault], run: 
         "acknowledged": len(run.ledger.acked), "stored": sum(1 for k in run.ledger.acked if k in stored),
         "missing": sum(w.missing for w in wins), "twice": sum(w.twice for w in wins),
         "stored_never_acknowledged": never_acked, "verify_differences": len(diffs), "died_on_their_own": dead,
-        "counts_equal": report.counts_equal, "retried": dict(run.ledger.retried),
+        "counts_equal": report.counts_equal, "check_reads": report.reads, "caught_up": report.caught_up,
+        "retried": dict(run.ledger.retried),
         "windows": [w.__dict__ for w in wins],
     }  # fmt: skip
     broker = [w for w in wins if w.acked_while_away is not None]
