@@ -484,8 +484,10 @@ def test_worker_killed_with_assignments_unwritten_writes_them_after_restart(sett
     migrate(settings, log=False)
     users = [f"unwritten-{i}" for i in range(30)]
     with ExitStack() as stack:
+        stack.callback(lambda: ch.stop())  # whichever endpoint runs last, also on a failure
         gw = stack.enter_context(app_process("gateway", settings, log_dir()))
         worker = start_worker(settings, "unwritten")
+        stack.callback(lambda: worker.stop())  # whichever worker runs last, also on a failure
         first = "unwritten-warmup"
         httpx.post(f"{gw.address}/v1/assignment", json={"anonymous_user_id": first}, timeout=10).raise_for_status()
         wait_for(lambda: scalar(settings, "SELECT count() FROM assignments") > 0, what="the worker writing")
@@ -547,6 +549,7 @@ def test_checkpoint_behind_the_committed_offsets_loses_nothing(settings: Setting
     with ExitStack() as stack:
         gw = stack.enter_context(app_process("gateway", settings, log_dir()))
         worker = start_worker(settings, "behind")
+        stack.callback(lambda: worker.stop())  # whichever worker runs last, also on a failure
         load = stack.enter_context(Load(gw.address, rng, pause_s=0.003))
         wait_for(lambda: scalar(settings, "SELECT count() FROM event_logs") > 2000, what="the worker writing")
         worker.stop()  # its acknowledged offsets are committed: as far as its checkpoints
