@@ -53,9 +53,9 @@ def main(args: argparse.Namespace) -> int:
     except (ScenarioError, ValueError) as exc:
         print(f"abstream chaos: {exc}", file=sys.stderr)
         return 2
-    console = Console(stderr=args.json)
+    console = Console(stderr=args.json, log_path=False)
     if not console.is_terminal:
-        console = Console(stderr=args.json, width=120)
+        console = Console(stderr=args.json, width=120, log_path=False)
     console.print(f"abstream chaos: seed {seed} (--seed {seed} replays the fault moments and the traffic)")
     try:
         return _run(args, scenario, plan_of(args), seed, console)
