@@ -26,7 +26,7 @@ from abstream.config import TOPIC_ASSIGNMENTS, TOPIC_EVENTS, TOPIC_EXPERIMENTS, 
 from schemas.buckets import bucket_bounds
 from schemas.registry import RegistryRecord, RegistryState
 from stream_workers.app import create_app
-from stream_workers.checkpoints import CHECKPOINT_COLUMNS, checkpoint_row, read_gap, record_digest, resume_offsets
+from stream_workers.checkpoints import CHECKPOINT_COLUMNS, checkpoint_row, fill_gap, record_digest, resume_offsets
 from stream_workers.pipeline import Pipeline
 from stream_workers.sink import ClickHouseWriter
 
@@ -68,14 +68,17 @@ class CopySink:
             if msg.offset < expected:
                 return
             if msg.offset > expected:  # the position ran ahead of the checkpoint: read the gap directly
-                gap = await read_gap(self.writer.settings, TP(msg.topic, msg.partition), expected, msg.offset)
-                if gap is None:  # the broker did not answer: seek back (once a second), the records come again
+                tp = TP(msg.topic, msg.partition)
+
+                def copy(offset: int, value: bytes) -> None:
+                    self._copy(msg.topic, msg.partition, offset, value)
+
+                if not await fill_gap(self.writer.settings, tp, expected, msg.offset, copy):
+                    # the broker did not answer: seek back (once a second), the records come again
                     if time.monotonic() - self.sought.get(msg.partition, 0.0) > 1.0:
                         self.sought[msg.partition] = time.monotonic()
-                        await self.app.consumer.seek_wait({TP(msg.topic, msg.partition): expected})
+                        await self.app.consumer.seek_wait({tp: self.next.get(msg.partition, 0)})
                     return
-                for offset, value in gap:
-                    self._copy(msg.topic, msg.partition, offset, value)
         self._copy(msg.topic, msg.partition, msg.offset, msg.value)
 
     def _copy(self, topic: str, partition: int, offset: int, value: bytes) -> None:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from hashlib import sha1
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import OffsetOutOfRangeError
+from aiokafka.errors import KafkaError, OffsetOutOfRangeError
 from faust.types import TP
 
 from abstream.config import Settings
@@ -59,16 +59,13 @@ async def record_at(settings: Settings, tp: TP, offset: int) -> tuple[int, str] 
 
 
 GAP_READ_ATTEMPTS = 3
+GAP_BATCH = 1000  # records applied between two chances to flush
 
 
-async def read_range(settings: Settings, tp: TP, start: int, end: int) -> list[tuple[int, bytes]]:
-    """The records of ``tp`` at offsets ``start`` up to (not including) ``end``, read with a consumer of its own.
-
-    Why not seek the worker's consumer back: Faust drops every record below the highest offset it has handed
-    to the stream, and records of the batch being delivered while the seek happens raise that mark again, so a
-    seek back from the middle of a stream can be undone each time and the partition never gets past the gap.
-    Offsets the log does not have (compacted away, transaction markers, retention) are simply absent.
-    """
+async def read_range(settings: Settings, tp: TP, start: int, end: int) -> AsyncIterator[list[tuple[int, bytes]]]:
+    """Batches of the records of ``tp`` at offsets ``start`` up to (not including) ``end``, read with a consumer
+    of its own and yielded as fetched (a long gap is never held in memory at once). Offsets the log does not
+    have (compacted away, transaction markers, retention) are simply absent."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap_servers, group_id=None, enable_auto_commit=False,
         auto_offset_reset="earliest", max_partition_fetch_bytes=4 * 1024 * 1024,
@@ -78,35 +75,46 @@ async def read_range(settings: Settings, tp: TP, start: int, end: int) -> list[t
     try:
         consumer.assign([ktp])
         consumer.seek(ktp, start)
-        out: list[tuple[int, bytes]] = []
         empty = 0
-        while empty < 3:
-            batch = (await consumer.getmany(ktp, timeout_ms=1000)).get(ktp, [])
-            empty = 0 if batch else empty + 1
-            for m in batch:
-                if m.offset >= end:
-                    return out
-                if m.offset >= start:
-                    out.append((m.offset, m.value))
-            if out and out[-1][0] == end - 1:
-                return out
-        return out
+        while empty < 3:  # three empty fetches in a row: the rest of the range is not in the log
+            fetched = (await consumer.getmany(ktp, timeout_ms=1000, max_records=GAP_BATCH)).get(ktp, [])
+            empty = 0 if fetched else empty + 1
+            batch = [(m.offset, m.value) for m in fetched if start <= m.offset < end]
+            if batch:
+                yield batch
+            if fetched and fetched[-1].offset >= end - 1:
+                return
     finally:
         await consumer.stop()
 
 
-async def read_gap(settings: Settings, tp: TP, start: int, end: int) -> list[tuple[int, bytes]] | None:
-    """``read_range`` with retries (the broker may be away for a moment); None when it could not be read."""
+async def fill_gap(
+    settings: Settings, tp: TP, start: int, end: int, apply: Callable[[int, bytes], None],
+    after_batch: Callable[[], Awaitable[None]] | None = None,
+) -> bool:  # fmt: skip
+    """Apply, in order, every record of ``tp`` from ``start`` up to ``end``, read directly from the broker;
+    False when the broker could not be read (after retries; records applied so far stay applied).
+
+    Why not seek the worker's consumer back: Faust drops every record below the highest offset it has handed
+    to the stream, and records of the batch being delivered while the seek happens raise that mark again, so a
+    seek back from the middle of a stream can be undone each time and the partition never gets past the gap.
+    """
     delay = 0.5
     for attempt in range(GAP_READ_ATTEMPTS):
         try:
-            return await read_range(settings, tp, start, end)
-        except Exception as exc:  # noqa: BLE001 - any client error: try again, then say so
+            async for batch in read_range(settings, tp, start, end):
+                for offset, value in batch:
+                    apply(offset, value)
+                    start = offset + 1
+                if after_batch is not None:
+                    await after_batch()
+            return True
+        except (KafkaError, OSError, TimeoutError) as exc:
             log.warning("%s[%d]: reading offsets %d..%d directly failed (attempt %d): %s", tp.topic, tp.partition,
                         start, end - 1, attempt + 1, exc)  # fmt: skip
             await asyncio.sleep(delay)
             delay *= 2
-    return None
+    return False
 
 
 async def resume_offsets(writer: ClickHouseWriter, settings: Settings, tps: Iterable[TP]) -> dict[TP, int]:

@@ -49,7 +49,7 @@ from abstream.config import TOPIC_ASSIGNMENTS, TOPIC_EVENTS, Settings
 from schemas.analysis import DEFAULT_RULES, ExperimentRules
 from schemas.events import decode_record
 from schemas.experiments import load_manifest
-from stream_workers.checkpoints import CHECKPOINT_COLUMNS, checkpoint_row, read_gap, record_digest
+from stream_workers.checkpoints import CHECKPOINT_COLUMNS, checkpoint_row, fill_gap, record_digest
 from stream_workers.rollups import (
     MS_PER_DAY,
     Assignment,
@@ -153,7 +153,7 @@ class Pipeline:
 
     async def _seek(self, part: PartitionState, topic: str, offset: int) -> None:
         """Position the consumer at ``offset`` (in the consumer's own thread): the fallback when a gap could not
-        be read directly (``read_gap``). Records already buffered past it arrive first and only drop; the same
+        be read directly (``fill_gap``). Records already buffered past it arrive first and only drop; the same
         seek is repeated after 5 s if still needed."""
         now = time.monotonic()
         last = part.sought.get(topic)
@@ -271,15 +271,22 @@ class Pipeline:
         if message.offset < expected:
             return
         if message.offset > expected:
-            tp = TP(message.topic, message.partition)
-            gap = await read_gap(self.settings, tp, expected, message.offset)
-            if gap is None:  # the broker did not answer: seek back, the records come again
-                await self._seek(part, message.topic, expected)
+            topic = message.topic
+            log.warning("partition %d: %s records %d..%d are read directly (the consumer is past them)",
+                        part.partition, topic, expected, message.offset - 1)  # fmt: skip
+
+            def apply(offset: int, value: bytes) -> None:
+                self._apply(part, is_events, topic, offset, value)
+
+            async def flush_when_full() -> None:
+                if sum(len(p.event_rows) for p in self.partitions.values()) >= self.flush_rows:
+                    await self.flush()
+
+            if not await fill_gap(self.settings, TP(topic, part.partition), expected, message.offset, apply,
+                                  flush_when_full):  # fmt: skip
+                # the broker did not answer: seek back, the records come again
+                await self._seek(part, topic, part.events_next if is_events else part.assignments_next)
                 return
-            log.warning("partition %d: %s records %d..%d read directly (the consumer was past them)",
-                     part.partition, message.topic, expected, message.offset - 1)  # fmt: skip
-            for offset, value in gap:
-                self._apply(part, is_events, message.topic, offset, value)
         self._apply(part, is_events, message.topic, message.offset, message.value)
         if sum(len(p.event_rows) for p in self.partitions.values()) >= self.flush_rows:
             # Blocks while ClickHouse is away (the writer retries): the agent stops consuming meanwhile.

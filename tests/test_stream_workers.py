@@ -569,6 +569,56 @@ def test_checkpoint_behind_the_committed_offsets_loses_nothing(settings: Setting
         worker.stop()
 
 
+def test_fill_gap_reads_a_range_in_order_in_batches_and_says_when_the_broker_is_away(settings: Settings) -> None:
+    """The worker's direct read of the records between its checkpoint and the consumer's position: every
+    offset of the range once and in order, in more than one batch (never the whole gap in memory), a range
+    past the log's end read as far as the log goes, and False (not an exception) without a broker."""
+    import asyncio
+    from dataclasses import replace
+
+    from aiokafka import AIOKafkaProducer
+    from faust.types import TP
+
+    from abstream.kafka import producer_settings
+    from stream_workers.checkpoints import fill_gap
+
+    topic = settings.topic(f"gap-{uuid.uuid4().hex[:6]}")
+    pad = os.urandom(5000)  # 3,000 records of 5 kB that do not compress: more than one 4 MB fetch
+
+    async def produce() -> None:
+        producer = AIOKafkaProducer(**producer_settings(settings))
+        await producer.start()
+        try:
+            futures = [await producer.send(topic, b"%d:" % i + pad, key=b"k", partition=0) for i in range(3000)]
+            await asyncio.gather(*futures)
+        finally:
+            await producer.stop()
+
+    async def fill(s: Settings, start: int, end: int) -> tuple[bool, list[int], int]:
+        offsets: list[int] = []
+        batches = 0
+
+        def apply(offset: int, value: bytes) -> None:
+            assert value == b"%d:" % offset + pad
+            offsets.append(offset)
+
+        async def after_batch() -> None:
+            nonlocal batches
+            batches += 1
+
+        ok = await fill_gap(s, TP(topic, 0), start, end, apply, after_batch)
+        return ok, offsets, batches
+
+    asyncio.run(produce())
+    ok, offsets, batches = asyncio.run(fill(settings, 100, 2900))
+    assert ok and offsets == list(range(100, 2900)) and batches > 1
+    ok, offsets, _ = asyncio.run(fill(settings, 2990, 3100))
+    assert ok and offsets == list(range(2990, 3000))
+    away = replace(settings, kafka_bootstrap_servers=f"127.0.0.1:{free_port()}")
+    ok, offsets, _ = asyncio.run(fill(away, 0, 10))
+    assert not ok and offsets == []
+
+
 def test_embedded_broker_restart_keeps_registry_and_loses_no_new_events(settings: Settings) -> None:
     """`abstream dev` restarted: a fresh in-memory broker (topics from offset 0), ClickHouse kept."""
     from dataclasses import replace
