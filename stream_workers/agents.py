@@ -12,7 +12,6 @@ import asyncio
 import hashlib
 import logging
 import re
-import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -55,37 +54,38 @@ class CopySink:
         self.checkpointed = checkpointed
         self.next: dict[int, int] = {}  # partition -> next offset to copy
         self.last: dict[int, tuple[str, int, bytes]] = {}  # partition -> (topic, offset, bytes) of the last record
-        self.sought: dict[int, float] = {}
+        self.generation = 0  # moves on at every assignment and revocation (a gap read in flight then stops)
+        self.dirty = False  # rows or a checkpoint not written yet
         self.rows: dict[str, list[list[Any]]] = {t: [] for t in columns}
         self.acks: list[tuple[Any, Any]] = []
         self.lock = asyncio.Lock()
 
     async def handle(self, stream: Any, event: Any) -> None:
         msg = event.message
-        self.acks.append((stream, event))
         if self.checkpointed:
             expected = self.next.get(msg.partition, 0)
-            if msg.offset < expected:
-                return
             if msg.offset > expected:  # the position ran ahead of the checkpoint: read the gap directly
-                tp = TP(msg.topic, msg.partition)
+                generation = self.generation
 
                 def copy(offset: int, value: bytes) -> None:
                     self._copy(msg.topic, msg.partition, offset, value)
 
-                if not await fill_gap(self.writer.settings, tp, expected, msg.offset, copy):
-                    # the broker did not answer: seek back (once a second), the records come again
-                    if time.monotonic() - self.sought.get(msg.partition, 0.0) > 1.0:
-                        self.sought[msg.partition] = time.monotonic()
-                        await self.app.consumer.seek_wait({tp: self.next.get(msg.partition, 0)})
-                    return
-        self._copy(msg.topic, msg.partition, msg.offset, msg.value)
+                def owned() -> bool:
+                    return self.generation == generation and msg.partition in self.next
+
+                tp = TP(msg.topic, msg.partition)
+                if not await fill_gap(self.writer.settings, tp, expected, msg.offset, copy, owned):
+                    return  # the partition went to another owner meanwhile: it starts from its own checkpoint
+        if not self.checkpointed or msg.offset >= self.next.get(msg.partition, 0):
+            self._copy(msg.topic, msg.partition, msg.offset, msg.value)
+        self.acks.append((stream, event))  # acknowledged with the flush that writes its rows
 
     def _copy(self, topic: str, partition: int, offset: int, value: bytes) -> None:
         """Buffer the rows of one record (and, checkpointed, make it the partition's last)."""
         if self.checkpointed:
             self.next[partition] = offset + 1
             self.last[partition] = (topic, offset, value)  # hashed at flush
+        self.dirty = True
         try:
             for table, rows in self.to_rows(value, partition, offset).items():
                 self.rows[table] += rows
@@ -94,8 +94,9 @@ class CopySink:
 
     async def flush(self) -> None:
         async with self.lock:
-            if not self.acks:
+            if not self.acks and not self.dirty:
                 return
+            self.dirty = False
             rows, self.rows = self.rows, {t: [] for t in self.columns}
             acks, self.acks = self.acks, []
             checkpoints = [checkpoint_row(t, p, o, record_digest(v)) for p, (t, o, v) in self.last.items()]
@@ -106,8 +107,16 @@ class CopySink:
                 await stream.ack(event)
 
     def assign(self, resume: dict[TP, int]) -> None:
+        self.generation += 1
         self.next = {tp.partition: offset for tp, offset in resume.items()}
         self.last = {p: v for p, v in self.last.items() if p in self.next}
+
+    def revoke(self, partitions: set[int]) -> None:
+        """Forget revoked partitions (their next owner resumes from the checkpoint)."""
+        self.generation += 1
+        for p in partitions:
+            self.next.pop(p, None)
+            self.last.pop(p, None)
 
 
 _USER_ID_VALUE = re.compile(
@@ -320,5 +329,6 @@ def build(settings: Settings) -> faust.App:
     async def on_revoked(app: faust.App, revoked: set[Any], **kwargs: Any) -> None:
         positioned.clear()  # nothing is processed until the new assignment is positioned
         pipeline.revoke({tp.partition for tp in revoked if tp.topic in pipeline_topics})
+        rejected.revoke({tp.partition for tp in revoked if tp.topic == rejected_topic_name})
 
     return app

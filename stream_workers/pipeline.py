@@ -9,12 +9,13 @@ it commits, for each, the offset after its checkpoint (after checking that the r
 is still the same record: the embedded broker recreates topics from offset 0 when it restarts), so
 Faust resumes there whatever it had committed before. Before processing, it reads the partition's
 state back from ClickHouse: the users' first assignments (merged with the Faust table
-``user_assignments``, whose changelog can run ahead of ClickHouse: an assignment known only from the
-table is still written when its record is replayed) and their stored events (event_logs FINAL), from
-which it recomputes every
+``user_assignments``) and their stored events (event_logs FINAL), from which it recomputes every
 user's rollup contribution and the partition's totals. Records are processed contiguously from the
-checkpoint; event_ids already written are dropped. Kafka offsets are acknowledged to Faust only after
-their rows are in ClickHouse, so a SIGKILL at any moment either replays records (deduplicated) or
+checkpoint; event_ids already written are dropped. Which assignment records write a row is decided
+against the assignments table's own rows, not the merged state: the table's changelog runs ahead of
+the flushes, and a record replayed after a crash must still write its row. Kafka offsets are
+acknowledged to Faust only after their rows are in ClickHouse (records before the checkpoint, skipped,
+with the next flush), so a SIGKILL at any moment either replays records (deduplicated) or
 loses nothing. This does not depend on a Faust changelog being complete, which matters on the
 embedded broker: tansu's ListOffsets(latest) answers the start of the last batch, so changelog
 recovery stops short of the end there.
@@ -91,10 +92,10 @@ class PartitionState:
     assignment_rows: list[list[Any]] = field(default_factory=list)
     pending_acks: list[tuple[Any, Any]] = field(default_factory=list)
     watermark_ms: int | None = None
-    sought: dict[str, tuple[int, float]] = field(default_factory=dict)
-    # first assignments the rebuild took from the Faust table, not (yet) in ClickHouse: (user, experiment,
-    # phase, assigned_at ms). Their records are replayed from the checkpoint and must still be written.
-    unwritten: set[tuple[str, int, int, int]] = field(default_factory=set)
+    # (user, experiment) -> the assignment whose row the assignments table holds or is about to: decides which
+    # records write a row. The users' own state can know more (the Faust table's changelog runs ahead of the
+    # flushes), and a record replayed after a crash must still write its row.
+    written: dict[tuple[str, int], Assignment] = field(default_factory=dict)
 
     def user(self, user_id: str) -> UserState:
         u = self.users.get(user_id)
@@ -151,18 +152,6 @@ class Pipeline:
                 await self._inflight
                 self._inflight = None
 
-    async def _seek(self, part: PartitionState, topic: str, offset: int) -> None:
-        """Position the consumer at ``offset`` (in the consumer's own thread): the fallback when a gap could not
-        be read directly (``fill_gap``). Records already buffered past it arrive first and only drop; the same
-        seek is repeated after 5 s if still needed."""
-        now = time.monotonic()
-        last = part.sought.get(topic)
-        if last is not None and last[0] == offset and now - last[1] < 5.0:
-            return
-        part.sought[topic] = (offset, now)
-        log.warning("partition %d: %s ran ahead of ClickHouse; seeking back to %d", part.partition, topic, offset)
-        await self.app.consumer.seek_wait({TP(topic, part.partition): offset})
-
     async def ensure_partitions(self) -> None:
         """After a rebalance: rebuild every assigned partition at once, so an idle one resumes too."""
         for tp in sorted(self.app.consumer.assignment()):
@@ -208,6 +197,7 @@ class Pipeline:
         for user_id, exp_id, exp_key, variant_id, variant_key, phase, at_ms, version in rows:
             a = Assignment(exp_id, exp_key, variant_id, variant_key, phase, at_ms, version)
             self._keep_first(part.user(user_id), a)
+            self._keep_written(part, user_id, a)
         self._merge_table(part)
         now_ms = int(time.time() * 1000)
         rows = await q(
@@ -239,18 +229,23 @@ class Pipeline:
             if self.partitioner(user_id.encode(), list(range(n)), list(range(n))) != part.partition:
                 continue
             for data in stored.values():
-                a = Assignment(**data)
-                if self._keep_first(part.user(user_id), a):
-                    # the changelog can run ahead of ClickHouse: applied and sent, the flush never landed
-                    part.unwritten.add((user_id, a.experiment_id, a.phase, a.assigned_at_ms))
+                self._keep_first(part.user(user_id), Assignment(**data))
 
     @staticmethod
     def _keep_first(user: UserState, a: Assignment) -> bool:
         """Keep the user's first assignment of the experiment's latest phase; True when it is new."""
-        cur = user.assignments.get(a.experiment_id)
-        if cur is not None and (cur.phase, -cur.assigned_at_ms) >= (a.phase, -a.assigned_at_ms):
+        if not supersedes(a, user.assignments.get(a.experiment_id)):
             return False
         user.assignments[a.experiment_id] = a
+        return True
+
+    @staticmethod
+    def _keep_written(part: PartitionState, user_id: str, a: Assignment) -> bool:
+        """The same rule against the assignments table's rows: True when ``a`` needs a row."""
+        key = (user_id, a.experiment_id)
+        if not supersedes(a, part.written.get(key)):
+            return False
+        part.written[key] = a
         return True
 
     # ---- processing -------------------------------------------------------------------------------
@@ -265,32 +260,34 @@ class Pipeline:
         """
         message = event.message
         part = await self.state_for(message.partition)
-        part.pending_acks.append((stream, event))
         is_events = message.topic == self.events_topic
         expected = part.events_next if is_events else part.assignments_next
-        if message.offset < expected:
-            return
-        if message.offset > expected:
-            topic = message.topic
-            log.warning("partition %d: %s records %d..%d are read directly (the consumer is past them)",
-                        part.partition, topic, expected, message.offset - 1)  # fmt: skip
-
-            def apply(offset: int, value: bytes) -> None:
-                self._apply(part, is_events, topic, offset, value)
-
-            async def flush_when_full() -> None:
-                if sum(len(p.event_rows) for p in self.partitions.values()) >= self.flush_rows:
-                    await self.flush()
-
-            if not await fill_gap(self.settings, TP(topic, part.partition), expected, message.offset, apply,
-                                  flush_when_full):  # fmt: skip
-                # the broker did not answer: seek back, the records come again
-                await self._seek(part, topic, part.events_next if is_events else part.assignments_next)
-                return
-        self._apply(part, is_events, message.topic, message.offset, message.value)
+        if message.offset > expected and not await self._fill_gap(part, is_events, message.topic, expected,
+                                                                  message.offset):  # fmt: skip
+            return  # the partition went to another owner meanwhile: it starts from its own checkpoint
+        if message.offset >= expected:
+            self._apply(part, is_events, message.topic, message.offset, message.value)
+        part.pending_acks.append((stream, event))  # acknowledged with the flush that writes its rows
         if sum(len(p.event_rows) for p in self.partitions.values()) >= self.flush_rows:
             # Blocks while ClickHouse is away (the writer retries): the agent stops consuming meanwhile.
             await self.flush()
+
+    async def _fill_gap(self, part: PartitionState, is_events: bool, topic: str, start: int, end: int) -> bool:
+        """Apply the records ``start``..``end - 1`` read directly from the broker (see ``fill_gap``)."""
+        log.warning("partition %d: %s records %d..%d are read directly (the consumer is past them)",
+                    part.partition, topic, start, end - 1)  # fmt: skip
+
+        def apply(offset: int, value: bytes) -> None:
+            self._apply(part, is_events, topic, offset, value)
+
+        def owned() -> bool:
+            return self.partitions.get(part.partition) is part
+
+        async def flush_when_full() -> None:
+            if sum(len(p.event_rows) for p in self.partitions.values()) >= self.flush_rows:
+                await self.flush()
+
+        return await fill_gap(self.settings, TP(topic, part.partition), start, end, apply, owned, flush_when_full)
 
     def _apply(self, part: PartitionState, is_events: bool, topic: str, offset: int, value: bytes) -> None:
         if is_events:
@@ -386,19 +383,19 @@ class Pipeline:
             log.error("assignments partition %d offset %d: unreadable record skipped: %s", part.partition, offset, exc)
             return
         user = part.user(user_id)
-        if not self._keep_first(user, a):
-            key = (user_id, a.experiment_id, a.phase, a.assigned_at_ms)
-            if key not in part.unwritten:
-                return  # a later assignment of a user who has one: not an exposure
-            part.unwritten.discard(key)  # known from the table only: its row is written now
-        stored = dict(self.table[user_id])
-        stored[str(a.experiment_id)] = a.as_json() | {"assignment_version": a.assignment_version}
-        self.table[user_id] = stored
+        first = self._keep_first(user, a)
+        if not self._keep_written(part, user_id, a):
+            return  # its row is written (or pending), or a later assignment of a user who has one
         part.assignment_rows.append([
             user_id, a.experiment_id, a.experiment_key, a.variant_id, a.variant_key, a.phase, a.assignment_version,
             a.assigned_at_ms / 1000, rec.get("platform") or "", rec.get("app_version") or "",
             rec.get("surface") or "", part.partition, offset,
         ])  # fmt: skip
+        if not first:
+            return  # the state knew it already (from the Faust table): only its row was missing
+        stored = dict(self.table[user_id])
+        stored[str(a.experiment_id)] = a.as_json() | {"assignment_version": a.assignment_version}
+        self.table[user_id] = stored
         # re-enrich recent events received at or after this assignment (they arrived before it did)
         horizon = int(time.time() * 1000) - self.lookback_ms
         recent = part.recent.get(user_id, ())
@@ -445,7 +442,8 @@ class Pipeline:
                 self._inflight = None
 
     def _collect(self) -> dict[str, Any] | None:
-        parts = [p for p in self.partitions.values() if p.pending_acks or p.totals.dirty]
+        parts = [p for p in self.partitions.values()
+                 if p.pending_acks or p.totals.dirty or p.event_rows or p.assignment_rows]  # fmt: skip
         if not parts:
             return None
         batch: dict[str, Any] = {
@@ -573,6 +571,11 @@ def rollup_row(key: Key, stats: Stats, partition: int, version: int, funnels: Fu
         return [funnel_key, exp, variant, step, step_name, partition, int(stats[0]), version]
     _, day, name, platform, app_version = key
     return [day, name, platform, app_version, partition, int(stats[0]), int(stats[1]), version]
+
+
+def supersedes(a: Assignment, cur: Assignment | None) -> bool:
+    """``a`` is of a later phase than ``cur``, or of its phase and earlier: the assignment to keep."""
+    return cur is None or (a.phase, -a.assigned_at_ms) > (cur.phase, -cur.assigned_at_ms)
 
 
 def enrichment_columns(attrib: tuple[Assignment, ...]) -> list[Any]:

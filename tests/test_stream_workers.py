@@ -465,7 +465,9 @@ def test_worker_killed_with_assignments_unwritten_writes_them_after_restart(sett
     """The worker has applied assignments (and its Faust table's changelog holds them) but ClickHouse is away, so
     their rows are not written; it is SIGKILLed. The restarted worker replays them from its checkpoint and must
     still write every row: the table's copy must not make it take them for already written (found by
-    `abstream chaos`: assignments answered 200 but missing from the table, exposures above the raw rows)."""
+    `abstream chaos`: assignments answered 200 but missing from the table, exposures above the raw rows).
+    One experiment starts a new phase meanwhile, so each user also has a phase-1 assignment that the table no
+    longer holds (it keeps the phase-2 one): its row must be written too."""
     from dataclasses import replace
 
     port = free_port()
@@ -488,21 +490,36 @@ def test_worker_killed_with_assignments_unwritten_writes_them_after_restart(sett
         gw = stack.enter_context(app_process("gateway", settings, log_dir()))
         worker = start_worker(settings, "unwritten")
         stack.callback(lambda: worker.stop())  # whichever worker runs last, also on a failure
-        first = "unwritten-warmup"
-        httpx.post(f"{gw.address}/v1/assignment", json={"anonymous_user_id": first}, timeout=10).raise_for_status()
+        answered: set[tuple[str, int, int]] = set()  # (user, experiment, phase): one row each
+
+        def assign(user: str) -> dict[int, int]:
+            r = httpx.post(f"{gw.address}/v1/assignment", json={"anonymous_user_id": user}, timeout=10)
+            assert r.status_code == 200, r.text
+            phases = {a["experiment_id"]: a["phase"] for a in r.json()["assignments"]}
+            answered.update((user, e, p) for e, p in phases.items())
+            return phases
+
+        exp_id = min(assign("unwritten-warmup"))
         wait_for(lambda: scalar(settings, "SELECT count() FROM assignments") > 0, what="the worker writing")
         ch.stop()
         for user in users:
-            r = httpx.post(f"{gw.address}/v1/assignment", json={"anonymous_user_id": user}, timeout=10)
-            assert r.status_code == 200, r.text
+            assign(user)
+        token = settings.admin_token
+        r = httpx.patch(f"{gw.address}/apiv1/ab-tests/{exp_id}", json={"new_phase": True}, timeout=10,
+                        headers={"authorization": f"Bearer {token}"} if token else {})  # fmt: skip
+        assert r.status_code == 200, r.text
+        wait_for(lambda: assign(users[0]).get(exp_id) == 2, what="the new phase at the gateway")
+        for user in users:
+            assign(user)
+            # after the new phase: an event received between two phases is counted by the worker for the
+            # variant the user had then, by the oracle only from the latest phase on (docs/stream-workers.md)
             post_events(gw.address, user, ["app_open"])
         time.sleep(4)  # applied, the table's changelog sent; the flush waits for ClickHouse
         sigkill(worker)
         ch = endpoint()
         worker = start_worker(settings, "unwritten")
-        answered = len(users) + 1
-        per_user = scalar(settings, "SELECT count() FROM assignments WHERE user_id = {u:String}", u=first)
-        want = answered * per_user
+        want = len(answered)
+        assert len({(u, e) for u, e, _ in answered}) < want, "users with assignments of two phases"
         wait_for(lambda: scalar(settings, "SELECT count() FROM event_logs FINAL") == len(users), timeout=90,
                  what="the events in event_logs")  # fmt: skip
         count = "SELECT count() FROM assignments"
@@ -569,10 +586,13 @@ def test_checkpoint_behind_the_committed_offsets_loses_nothing(settings: Setting
         worker.stop()
 
 
-def test_fill_gap_reads_a_range_in_order_in_batches_and_says_when_the_broker_is_away(settings: Settings) -> None:
+def test_fill_gap_reads_a_range_in_order_in_batches_and_never_ends_it_short(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The worker's direct read of the records between its checkpoint and the consumer's position: every
-    offset of the range once and in order, in more than one batch (never the whole gap in memory), a range
-    past the log's end read as far as the log goes, and False (not an exception) without a broker."""
+    offset of the range once and in order, in more than one batch (never the whole gap in memory). A read
+    that stalls (no record: the broker away, or a range past the log's end) is never taken for the end of
+    the range: it is tried again for as long as the partition is the worker's, then answers False."""
     import asyncio
     from dataclasses import replace
 
@@ -580,10 +600,11 @@ def test_fill_gap_reads_a_range_in_order_in_batches_and_says_when_the_broker_is_
     from faust.types import TP
 
     from abstream.kafka import producer_settings
-    from stream_workers.checkpoints import fill_gap
+    from stream_workers import checkpoints
 
+    monkeypatch.setattr(checkpoints, "GAP_STALL_S", 1.0)
     topic = settings.topic(f"gap-{uuid.uuid4().hex[:6]}")
-    pad = os.urandom(5000)  # 3,000 records of 5 kB that do not compress: more than one 4 MB fetch
+    pad = os.urandom(5000)  # 3,000 records of 5 kB that do not compress: more than one batch
 
     async def produce() -> None:
         producer = AIOKafkaProducer(**producer_settings(settings))
@@ -594,9 +615,10 @@ def test_fill_gap_reads_a_range_in_order_in_batches_and_says_when_the_broker_is_
         finally:
             await producer.stop()
 
-    async def fill(s: Settings, start: int, end: int) -> tuple[bool, list[int], int]:
+    async def fill(s: Settings, start: int, end: int, owned_for_s: float = 60) -> tuple[bool, list[int], int]:
         offsets: list[int] = []
         batches = 0
+        until = time.monotonic() + owned_for_s
 
         def apply(offset: int, value: bytes) -> None:
             assert value == b"%d:" % offset + pad
@@ -606,16 +628,20 @@ def test_fill_gap_reads_a_range_in_order_in_batches_and_says_when_the_broker_is_
             nonlocal batches
             batches += 1
 
-        ok = await fill_gap(s, TP(topic, 0), start, end, apply, after_batch)
+        ok = await checkpoints.fill_gap(s, TP(topic, 0), start, end, apply, lambda: time.monotonic() < until,
+                                        after_batch)  # fmt: skip
         return ok, offsets, batches
 
     asyncio.run(produce())
     ok, offsets, batches = asyncio.run(fill(settings, 100, 2900))
     assert ok and offsets == list(range(100, 2900)) and batches > 1
-    ok, offsets, _ = asyncio.run(fill(settings, 2990, 3100))
+    ok, offsets, _ = asyncio.run(fill(settings, 2990, 3000))
     assert ok and offsets == list(range(2990, 3000))
+    # past the log's end: what is there is applied, the rest waited for (not skipped) while owned
+    ok, offsets, _ = asyncio.run(fill(settings, 2990, 3100, owned_for_s=4))
+    assert not ok and offsets == list(range(2990, 3000))
     away = replace(settings, kafka_bootstrap_servers=f"127.0.0.1:{free_port()}")
-    ok, offsets, _ = asyncio.run(fill(away, 0, 10))
+    ok, offsets, _ = asyncio.run(fill(away, 0, 10, owned_for_s=3))
     assert not ok and offsets == []
 
 
