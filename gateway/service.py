@@ -12,7 +12,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
@@ -45,6 +45,17 @@ MAX_PENDING_DEAD_LETTERS = 1_000
 """Background dead-letter publishes (of refused requests, and of requests with nothing accepted) waiting for Kafka at
 once, per process; beyond, their dead letters are dropped (and counted) so that a flood of bad requests while Kafka
 is slow cannot pile up tasks without bound."""
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+async def clock_reaches(moment: datetime) -> None:
+    """Return once the wall clock is at ``moment`` or later (an assignment stamp, at most 1 ms ahead; the
+    Kafka acknowledgement awaited before usually took longer, so this rarely sleeps)."""
+    target_ns = (moment - _EPOCH) // timedelta(microseconds=1) * 1_000
+    while (ahead_ns := target_ns - time.time_ns()) > 0:  # noqa: ASYNC110 - waiting for the clock, not an event
+        await asyncio.sleep(ahead_ns / 1e9)
 
 
 def unavailable(reason: str) -> ApiError:
@@ -120,6 +131,18 @@ class GatewayCore:
     def received_at_ms() -> int:
         return time.time_ns() // 1_000_000
 
+    @staticmethod
+    def assignment_instant() -> datetime:
+        """When an assignment made now is stamped: the next millisecond of the clock events are stamped with.
+
+        An event counts for an experiment when it is received at or after the assignment (``received_at_ms >=
+        assigned_at``), and both are whole milliseconds. A client that sends an event, gets its answer and then
+        asks for its variant can do all of it within one millisecond; stamped with that millisecond, the
+        assignment would claim the event. One millisecond later, it is after every event already received on
+        this host; and since the answer waits for the clock to reach it (:func:`clock_reaches`), every event sent
+        after the answer is stamped at or after it."""
+        return _EPOCH + timedelta(milliseconds=time.time_ns() // 1_000_000 + 1)
+
     # ---- events ---------------------------------------------------------------------------------
 
     async def ingest(self, result: IngestResult) -> dict[str, Any]:
@@ -189,10 +212,12 @@ class GatewayCore:
             raise validation_failed(exc) from None
         self.require_registry()
         state = self.registry.state
-        result = assign(state.live, request, datetime.now(UTC), version=state.version)
+        now = self.assignment_instant()
+        result = assign(state.live, request, now, version=state.version)
         records = result.records("v1")
         if records:
             await self.publish([(self.assignments_topic, r.user_id.encode(), r.to_bytes()) for r in records])
+            await clock_reaches(now)
         return result.response().model_dump(mode="json")
 
     async def assign_ab(self, test_id: str, payload: Any) -> dict[str, Any]:
@@ -204,7 +229,7 @@ class GatewayCore:
             request = ABAssignRequest.model_validate(payload, context={"settings": self.settings})
         except ValidationError as exc:
             raise validation_failed(exc) from None
-        now = datetime.now(UTC)
+        now = self.assignment_instant()
         version = self.registry.state.version
         decision = decide(experiment, request.user_id, now)
         if decision.variant is not None:
@@ -212,6 +237,7 @@ class GatewayCore:
                 experiment, decision.variant, request.user_id, version=version, now=now, surface="apiv1"
             )
             await self.publish([(self.assignments_topic, request.user_id.encode(), record.to_bytes())])
+            await clock_reaches(now)
         return ab_assign_response(experiment, request.user_id, decision, version).model_dump(mode="json")
 
 

@@ -68,7 +68,7 @@ def test_every_endpoint_fuzzed_without_a_failure(target: Target) -> None:
 def test_the_command_prints_its_table(target: Target) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "abstream.cli", "fuzz", "--url", target.url, "--requests", "60", "--no-hostile",
-         "--admin-token", target.admin_token, "--metrics-token", target.metrics_token, "--seed", "3"],
+         f"--admin-token={target.admin_token}", f"--metrics-token={target.metrics_token}", "--seed", "3"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr

@@ -30,7 +30,7 @@ from abstream.devstack.ports import free_port
 from abstream.devstack.supervisor import Child, abstream_argv, http_ok, wait_healthy
 from schemas.events import NAME_PATTERN, EventRecord, RecordEvent, RejectedRecord
 from tests.stack import Infra, isolated_settings
-from tests.test_gateway_assignment import JSON, Gateways, Rec, error_fields, poll, read_topic, unique
+from tests.test_gateway_assignment import JSON, Gateways, Rec, create_test, error_fields, poll, read_topic, unique
 
 UUID7_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 RECORD_EVENT_KEYS = set(RecordEvent.model_fields)
@@ -1016,3 +1016,49 @@ def test_broker_outage_503_then_resumes_without_restart(infra: Infra, tmp_path: 
         gateway.stop()
         if broker is not None:
             stop_process(broker)
+
+
+# ====================================================================== events and assignments, one clock
+
+
+def test_an_assignment_is_after_every_event_acknowledged_before_it_and_never_after_one_sent_after(
+    gw: Gateways,
+) -> None:
+    """Attribution compares whole milliseconds (an event counts when received at or after the assignment). A
+    client that posts an event and asks for its variant within the same millisecond must not see that event
+    counted, and an event it posts once it has the answer must be counted: the gateway stamps the assignment
+    one millisecond on and answers only when its clock got there. Fast rounds on one keep-alive connection,
+    through both surfaces, then the stamps read back from both topics."""
+    users = [unique("clock") for _ in range(400)]
+    with gw.client("G") as c:
+        test = create_test(c, unique("clock_order"))
+
+        def event(user: str, name: str) -> None:
+            body = {"event_type": name, "user_id": user, "event_id": str(uuid.uuid4())}
+            assert c.post("/apiv1/events", json=body).status_code in (200, 201, 202)
+
+        for i, user in enumerate(users):
+            event(user, "before")
+            if i % 2:
+                r = c.post("/v1/assignment", json={"anonymous_user_id": user})
+            else:
+                r = c.post(f"/apiv1/ab-tests/{test['id']}/assign", json={"user_id": user})
+            assert r.status_code == 200, r.text
+            event(user, "after")
+    wanted = set(users)
+    assigned = read_topic(gw.settings, "assignments", lambda rs: wanted <= {r.key for r in rs}, 30)
+    received = read_topic(gw.settings, "events", lambda rs: sum(r.key in wanted for r in rs) >= 2 * len(users), 30)
+    first_assigned: dict[str, int] = {}
+    for r in assigned:
+        if r.key in wanted:
+            first_assigned[r.key] = min(first_assigned.get(r.key, r.value["assigned_at"]), r.value["assigned_at"])
+    assert set(first_assigned) == wanted
+    for r in received:
+        if r.key not in wanted:
+            continue
+        for ev in r.value["events"]:
+            at = first_assigned[r.key]
+            if ev["event_name"] == "before":
+                assert r.value["received_at_ms"] < at, (r.key, r.value["received_at_ms"], at)
+            else:
+                assert r.value["received_at_ms"] >= at, (r.key, r.value["received_at_ms"], at)
