@@ -267,13 +267,18 @@ def build(settings: Settings) -> faust.App:
             await positioned.wait()
             await registry.handle(s, event)
 
+    async def flush_all() -> None:
+        await pipeline.flush()
+        await rejected.flush()
+        await registry.flush()
+
     @app.timer(interval=settings.worker_flush_interval_s)
     async def flush() -> None:
         if positioned.is_set():
             await pipeline.refresh_rules()
-        await pipeline.flush()
-        await rejected.flush()
-        await registry.flush()
+        await flush_all()
+
+    app.flush_while_stopping = flush_all  # Faust's timers stop first; its wait for acknowledgements needs these
 
     @app.timer(interval=10.0)
     async def report() -> None:

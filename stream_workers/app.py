@@ -5,7 +5,9 @@ The agents are wired onto it by ``stream_workers.agents.build``; ``stream_worker
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import faust
@@ -16,11 +18,42 @@ from abstream.config import Settings
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings) -> faust.App:
+class WorkerApp(faust.App):
+    """A Faust app that keeps writing while it stops.
+
+    On SIGTERM Faust stops its timers, then waits until every record handed to an agent is acknowledged. The
+    agents acknowledge a record once the flush that writes its rows is done, and the flush runs on a timer: so
+    a worker stopped with rows buffered waited for its supervisor's SIGKILL (15 s in the test stacks), losing
+    nothing (a restart resumes from the ClickHouse checkpoints) but slow. ``flush_while_stopping`` keeps
+    flushing until Faust is done waiting; then the records are written, acknowledged and committed.
+    """
+
+    flush_while_stopping: Callable[[], Awaitable[None]] | None = None
+    flush_interval_s: float = 0.25
+
+    async def on_stop(self) -> None:
+        flushing = asyncio.ensure_future(self._keep_flushing()) if self.flush_while_stopping else None
+        try:
+            await super().on_stop()
+        finally:
+            if flushing is not None:
+                flushing.cancel()
+
+    async def _keep_flushing(self) -> None:
+        assert self.flush_while_stopping is not None  # noqa: S101 - checked by the caller
+        while True:
+            try:
+                await self.flush_while_stopping()
+            except Exception:  # noqa: BLE001 - a failed flush is retried: nothing acknowledged is dropped
+                log.exception("flush while stopping failed; retrying")
+            await asyncio.sleep(self.flush_interval_s)
+
+
+def create_app(settings: Settings) -> WorkerApp:
     """A Faust app whose settings keep consumer-group joins fast (seconds, not 30 s) on tansu and Kafka."""
     datadir = Path(settings.data_dir) / "workers"
     datadir.mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
-    app = faust.App(
+    app = WorkerApp(
         f"{settings.kafka_topic_prefix}abstream-workers",
         broker=[f"kafka://{hp.strip()}" for hp in settings.kafka_bootstrap_servers.split(",")],
         store="memory://",
@@ -41,6 +74,7 @@ def create_app(settings: Settings) -> faust.App:
         web_host="127.0.0.1",
         web_in_thread=False,
     )
+    app.flush_interval_s = settings.worker_flush_interval_s
 
     @app.page("/health")
     async def health(web: object, request: object) -> Response:

@@ -7,6 +7,7 @@ gateway and worker processes it needs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import signal
@@ -736,3 +737,48 @@ def test_arkforge_events_reach_event_logs_and_the_rollups(stack: tuple[Settings,
     wait_for(lambda: scalar(settings, "SELECT sum(events) FROM daily_metric_rollups WHERE platform = '*' "
                                       "AND event_name = 'page_view'") == 3, what="the daily rollup")  # fmt: skip
     assert_verify_clean(settings)
+
+
+def test_sigterm_writes_what_is_buffered_and_stops_promptly(settings: Settings) -> None:
+    """A stopped worker writes its buffered rows, acknowledges their records and leaves; it does not sit in
+    Faust's wait for acknowledgements until its supervisor's SIGKILL. The flush timer is set to a minute, so
+    at the SIGTERM every row is still buffered and only the stop can write it."""
+    import asyncio
+
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.structs import TopicPartition
+
+    slow = dataclasses.replace(settings, worker_flush_interval_s=60.0)
+    migrate(slow, log=False)
+    with app_process("gateway", slow, log_dir()) as gw:
+        worker = start_worker(slow, "stopped")
+        try:
+            wait_for(lambda: http_ok(f"{worker.address}/ready"), timeout=60, what="worker positioned")
+            users = [f"u-{uuid.uuid4().hex[:8]}" for _ in range(10)]
+            for user in users:
+                post_events(gw.address, user, ["app_open", "workout_started"])
+            time.sleep(3)  # consumed and buffered
+            assert scalar(slow, "SELECT count() FROM event_logs") == 0, "the flush timer must not have run yet"
+            started = time.monotonic()
+            worker.stop(timeout=30)
+            stop_s = time.monotonic() - started
+        finally:
+            worker.stop()
+    assert worker.proc is not None and worker.proc.returncode != -signal.SIGKILL
+    assert stop_s < 10, f"the worker took {stop_s:.1f} s to stop"
+    assert scalar(slow, "SELECT count() FROM event_logs FINAL") == 20
+    assert_verify_clean(slow)
+
+    async def lag() -> int:
+        group = f"{slow.kafka_topic_prefix}abstream-workers"
+        consumer = AIOKafkaConsumer(bootstrap_servers=slow.kafka_bootstrap_servers, group_id=group,
+                                    enable_auto_commit=False)  # fmt: skip
+        await consumer.start()
+        try:
+            tps = [TopicPartition(slow.topic("events"), p) for p in range(slow.kafka_partitions)]
+            ends = await consumer.end_offsets(tps)
+            return sum([ends[tp] - (await consumer.committed(tp) or 0) for tp in tps])
+        finally:
+            await consumer.stop()
+
+    assert asyncio.run(lag()) == 0, "the written records are committed"

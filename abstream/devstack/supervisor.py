@@ -77,6 +77,9 @@ class Child:
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
+                where = f" (log: {self.log_path})" if self.log_path else ""
+                print(f"abstream: {self.name} did not stop within {timeout:.0f} s of SIGTERM; killed{where}",
+                      file=sys.stderr)  # fmt: skip
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         try:  # anything the child left in its group
