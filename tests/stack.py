@@ -20,10 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from abstream.clickhouse import client as ch_client
 from abstream.config import Settings
 from abstream.devstack.ports import free_port
 from abstream.devstack.supervisor import Child, abstream_argv, http_ok, wait_healthy
+
+UNDER_LOAD = pytest.mark.xdist_group("under_load")
+"""Tests that drive sustained load or kill processes under it. ``scripts/test`` runs the suite in two
+processes (pytest-xdist, ``--dist loadgroup``); these run one after the other in one of them, so no two of
+them compete for the 2 cores a CI machine has, while the rest of the suite is shared by both."""
 
 
 @dataclass

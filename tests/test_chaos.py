@@ -10,7 +10,10 @@ import sys
 
 import orjson
 
+from tests.stack import UNDER_LOAD
 
+
+@UNDER_LOAD
 def test_short_chaos_run_loses_and_doubles_nothing() -> None:
     """Fault moments and traffic are seeded and the seed printed: ABSTREAM_TEST_SEED=<seed> replays them."""
     seed = os.environ.get("ABSTREAM_TEST_SEED") or str(random.SystemRandom().randrange(2**31))

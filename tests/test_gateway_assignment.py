@@ -39,7 +39,7 @@ from abstream.config import REPO_ROOT, Settings
 from abstream.devstack.ports import free_port
 from abstream.devstack.supervisor import Child, abstream_argv, http_ok, wait_healthy
 from schemas.assignment_record import AssignmentRecord
-from tests.stack import Infra, app_process, isolated_settings, log_dir
+from tests.stack import UNDER_LOAD, Infra, app_process, isolated_settings, log_dir
 
 JSON = {"content-type": "application/json"}
 CODE_RE = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -1067,6 +1067,7 @@ def test_admin_token_and_masked_request_logs(infra: Infra) -> None:
 N_USERS = 20_000
 
 
+@UNDER_LOAD
 def test_split_and_stickiness_across_two_gateways_and_a_restart(pair: Gateways) -> None:
     prefix = unique("split")
     users = [f"{prefix}-{i}" for i in range(N_USERS)]

@@ -14,8 +14,10 @@ import pytest
 from abstream.config import Settings
 from abstream.loadgen.scenario import Scenario, ScenarioError, load
 from abstream.loadgen.truth import METRICS, expected_mean, reached, true_effect
+from tests.stack import UNDER_LOAD
 
 
+@UNDER_LOAD
 def test_the_ci_scenario_reaches_the_pipeline_exactly_and_its_intervals_cover_the_true_effects(
     stack: tuple[Settings, str],
 ) -> None:

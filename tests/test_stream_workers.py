@@ -30,7 +30,7 @@ from abstream.devstack.supervisor import Child, abstream_argv, http_ok, wait_hea
 from abstream.migrate import migrate
 from stream_workers.verify import actual_totals, differences, expected_totals
 from tests import oracle
-from tests.stack import app_process, log_dir, rows, scalar, start_app, wait_for
+from tests.stack import UNDER_LOAD, app_process, log_dir, rows, scalar, start_app, wait_for
 from tests.test_dashboards import DASHBOARDS, panel_results
 
 INGESTION_DASHBOARD = next(p for p in DASHBOARDS if p.name == "ingestion.json")
@@ -372,6 +372,7 @@ def rng(request: pytest.FixtureRequest) -> random.Random:
     return random.Random(seed)
 
 
+@UNDER_LOAD
 def test_sigkill_worker_repeatedly_loses_and_doubles_nothing(settings: Settings, rng: random.Random) -> None:
     migrate(settings, log=False)
     with ExitStack() as stack:
@@ -398,6 +399,7 @@ def test_sigkill_worker_repeatedly_loses_and_doubles_nothing(settings: Settings,
         worker.stop()
 
 
+@UNDER_LOAD
 def test_two_workers_share_partitions_and_fail_over(settings: Settings, rng: random.Random) -> None:
     migrate(settings, log=False)
     with ExitStack() as stack:
@@ -415,6 +417,7 @@ def test_two_workers_share_partitions_and_fail_over(settings: Settings, rng: ran
         second.stop()
 
 
+@UNDER_LOAD
 def test_clickhouse_outage_delays_but_loses_nothing(settings: Settings, tmp_path: Path, rng: random.Random) -> None:
     """A private ClickHouse endpoint is stopped under load, then restarted on the same data: the worker was
     writing before, wrote nothing while it was away (and did not crash), and caught up after."""
@@ -462,6 +465,7 @@ def test_clickhouse_outage_delays_but_loses_nothing(settings: Settings, tmp_path
     ch.stop()
 
 
+@UNDER_LOAD
 def test_worker_killed_with_assignments_unwritten_writes_them_after_restart(settings: Settings, tmp_path: Path) -> None:
     """The worker has applied assignments (and its Faust table's changelog holds them) but ClickHouse is away, so
     their rows are not written; it is SIGKILLed. The restarted worker replays them from its checkpoint and must
@@ -533,6 +537,7 @@ def test_worker_killed_with_assignments_unwritten_writes_them_after_restart(sett
     ch.stop()
 
 
+@UNDER_LOAD
 def test_checkpoint_behind_the_committed_offsets_loses_nothing(settings: Settings, rng: random.Random) -> None:
     """Faust starts each partition at Kafka's committed offset; the worker resumes at its ClickHouse checkpoint.
     Here the checkpoints are moved back (to the same records, half as far) so Faust starts past them, under
