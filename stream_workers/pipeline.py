@@ -23,7 +23,7 @@ recovery stops short of the end there.
 Enrichment rule
 ---------------
 An event carries the assignments its user had when the gateway received it: for each experiment the
-user's first assignment (of the latest phase) with assigned_at <= received_at. Events and assignments
+first assignment of the latest phase whose first assignment has assigned_at <= received_at. Events and assignments
 travel on different topics, so an assignment can reach the worker after an event received later than
 it; when it does, the user's recent events (ABSTREAM_ENRICH_LOOKBACK_S, kept in memory) that it applies
 to are written again with the new enrichment and a higher ``enriched_version`` (event_logs is a
@@ -233,7 +233,12 @@ class Pipeline:
 
     @staticmethod
     def _keep_first(user: UserState, a: Assignment) -> bool:
-        """Keep the user's first assignment of the experiment's latest phase; True when it is new."""
+        """Keep the user's first assignment of each phase (events are attributed by phase) and of the latest
+        phase (what results count); True when the latter is new."""
+        by_phase = user.phases.setdefault(a.experiment_id, {})
+        cur = by_phase.get(a.phase)
+        if cur is None or a.assigned_at_ms < cur.assigned_at_ms:
+            by_phase[a.phase] = a
         if not supersedes(a, user.assignments.get(a.experiment_id)):
             return False
         user.assignments[a.experiment_id] = a
@@ -309,7 +314,7 @@ class Pipeline:
         user = part.user(user_id)
         attrib = user.attribution_for(received)
         enrichment = enrichment_columns(attrib)
-        attribution = tuple((a.experiment_id, a.variant_id) for a in attrib)
+        attribution = tuple((a.experiment_id, a.variant_id, a.phase) for a in attrib)
         recent = part.recent.get(user_id)
         if recent is None:
             recent = part.recent[user_id] = deque(maxlen=RECENT_PER_USER)
@@ -403,7 +408,7 @@ class Pipeline:
             if ev.received_at_ms < a.assigned_at_ms or ev.received_at_ms < horizon:
                 continue
             attrib = user.attribution_for(ev.received_at_ms)
-            attribution = tuple((x.experiment_id, x.variant_id) for x in attrib)
+            attribution = tuple((x.experiment_id, x.variant_id, x.phase) for x in attrib)
             if attribution == ev.attribution:
                 continue
             user.add_event(ev, self.funnels, -1)
@@ -595,7 +600,8 @@ def event_from_log(
     exp_id: int | None, value: float | None, assignments: str,
 ) -> UserEvent:  # fmt: skip
     """A stored event_logs row as the rollups see it (used by the rebuild and by `abstream verify`)."""
-    attribution = tuple((int(a["experiment_id"]), int(a["variant_id"])) for a in orjson.loads(assignments or "[]"))
+    attribution = tuple((int(a["experiment_id"]), int(a["variant_id"]), int(a.get("phase", 1)))
+                        for a in orjson.loads(assignments or "[]"))  # fmt: skip
     return UserEvent(event_id, name, kind, int(t_ms), int(recv_ms), platform, version, exp_id, value, attribution)
 
 

@@ -8,8 +8,10 @@ recomputed from the raw log" holds by construction, and a difference means lost 
 
 Rules (also in docs/stream-workers.md):
 * day = UTC date of the event time (the skew-corrected time when the client sent ``sent_at``).
-* An event counts for experiment E when the event was enriched with the user's assignment to E, i.e.
-  the user's first assignment (of E's latest phase) happened no later than the event was received.
+* An event counts for experiment E when the event was enriched with the user's assignment to E: the
+  first assignment of the latest phase of E that had begun for the user when the event was received.
+  Per-day metric rows count it for that assignment's variant; the cumulative rollups and the funnels per
+  variant count only the events of the user's current phase.
 * experiment metric value x of a user for (metric, day): the number of events with that name that day,
   or for tracked metrics (/apiv1/ab-tests/{id}/track, counted for that test only) the sum of values.
 * cumulative experiment rollups (what results read): per experiment, phase, variant and source (an event
@@ -116,7 +118,7 @@ class UserEvent:
     app_version: str
     metric_experiment_id: int | None
     value: float | None
-    attribution: tuple[tuple[int, int], ...]  # (experiment_id, variant_id) the event was enriched with
+    attribution: tuple[tuple[int, int, int], ...]  # (experiment_id, variant_id, phase) it was enriched with
 
     @property
     def day(self) -> int:
@@ -127,21 +129,30 @@ class UserEvent:
 class UserState:
     """One user's assignments and the summaries of their stored events."""
 
-    assignments: dict[int, Assignment] = field(default_factory=dict)
+    assignments: dict[int, Assignment] = field(default_factory=dict)  # the first of the latest phase
+    # experiment_id -> phase -> the first assignment of that phase (what events received then are attributed to)
+    phases: dict[int, dict[int, Assignment]] = field(default_factory=dict)
     # (day, event_name, platform, app_version) -> events
     daily: dict[tuple[int, str, str, str], int] = field(default_factory=dict)
-    # (experiment_id, variant_id, source experiment (0: events), name, day) -> [event_count, value]
-    attributed: dict[tuple[int, int, int, str, int], list[float]] = field(default_factory=dict)
-    # (experiment_id, variant_id, source experiment, name) -> sorted (event time, value): for exposure events
-    attributed_times: dict[tuple[int, int, int, str], list[tuple[int, float]]] = field(default_factory=dict)
+    # (experiment_id, variant_id, phase, source experiment (0: events), name, day) -> [event_count, value]
+    attributed: dict[tuple[int, int, int, int, str, int], list[float]] = field(default_factory=dict)
+    # (experiment_id, variant_id, phase, source experiment, name) -> sorted (event time, value)
+    attributed_times: dict[tuple[int, int, int, int, str], list[tuple[int, float]]] = field(default_factory=dict)
     # (source experiment (0: events), name, day) -> [event_count, value]: every event, for CUPED covariates
     by_day: dict[tuple[int, str, int], list[float]] = field(default_factory=dict)
     # funnel key -> per step: sorted event times
     funnel_times: dict[str, list[list[int]]] = field(default_factory=dict)
 
     def attribution_for(self, received_at_ms: int) -> tuple[Assignment, ...]:
-        """Assignments known when the event was received (the enrichment rule)."""
-        return tuple(a for _, a in sorted(self.assignments.items()) if a.assigned_at_ms <= received_at_ms)
+        """The enrichment rule: per experiment, the first assignment of the latest phase that had begun for this
+        user when the event was received (made at or before it). An event received in phase 1 stays phase 1's,
+        whenever the worker reads it, before or after the phase-2 assignment."""
+        out = []
+        for exp_id in sorted(self.phases):
+            began = [a for a in self.phases[exp_id].values() if a.assigned_at_ms <= received_at_ms]
+            if began:
+                out.append(max(began, key=lambda a: a.phase))
+        return tuple(out)
 
     def add_event(self, ev: UserEvent, funnels: Funnels, sign: int = 1) -> None:
         """Count (sign=1) or uncount (sign=-1) one event in the summaries."""
@@ -162,11 +173,11 @@ class UserState:
             amount = 1
         name = ev.event_name
         _bump(self.by_day, (src, name, day), sign, amount)
-        for exp_id, variant_id in ev.attribution:
+        for exp_id, variant_id, phase in ev.attribution:
             if ev.kind == "metric" and src != exp_id:
                 continue
-            _bump(self.attributed, (exp_id, variant_id, src, name, day), sign, amount)
-            tkey = (exp_id, variant_id, src, name)
+            _bump(self.attributed, (exp_id, variant_id, phase, src, name, day), sign, amount)
+            tkey = (exp_id, variant_id, phase, src, name)
             times = self.attributed_times.get(tkey)
             if sign > 0:
                 if times is None:
@@ -234,7 +245,7 @@ def contribution(user: UserState, funnels: Funnels, rules: RulesLookup | None = 
     """This user's share of every rollup total (see module docstring for the rules)."""
     out: dict[Key, Stats] = {}
     per_day: dict[tuple[int, int, str, int], list[float]] = {}
-    for (exp_id, variant_id, _src, metric, day), (count, value) in user.attributed.items():
+    for (exp_id, variant_id, _phase, _src, metric, day), (count, value) in user.attributed.items():
         if count <= 0:
             continue
         acc = per_day.get((exp_id, variant_id, metric, day))
@@ -269,9 +280,10 @@ def contribution(user: UserState, funnels: Funnels, rules: RulesLookup | None = 
         for exp_id, a in user.assignments.items():
             if spec.experiment_keys and a.experiment_key not in spec.experiment_keys:
                 continue
-            # per variant, the steps count only events attributed to it (from the exposure on), as metrics do
+            # per variant, the steps count only events attributed to it in the current phase, as metrics do
             attributed = [
-                [t for t, _ in user.attributed_times.get((exp_id, a.variant_id, 0, name), ())] for name in spec.steps
+                [t for t, _ in user.attributed_times.get((exp_id, a.variant_id, a.phase, 0, name), ())]
+                for name in spec.steps
             ]
             for step in range(1, funnel_level(attributed, spec.window_ms) + 1):
                 out[("f", key, exp_id, a.variant_id, step)] = [1]
@@ -280,24 +292,23 @@ def contribution(user: UserState, funnels: Funnels, rules: RulesLookup | None = 
 
 def _cumulative(user: UserState, a: Assignment, rules: ExperimentRules, out: dict[Key, Stats]) -> None:
     """The user's share of experiment a's cumulative rollups ("x", "c", "r" keys), if the user is exposed."""
-    exp_id, variant_id = a.experiment_id, a.variant_id
-    # x per source: [count, value] from the exposure on
+    exp_id, variant_id, phase = a.experiment_id, a.variant_id, a.phase
+    # x per source: [count, value] from the exposure on (events attributed to this phase's assignment)
     x: dict[tuple[int, str], list[float]] = {}
     if rules.exposure_event is None:
         exposed_at = a.assigned_at_ms
-        for (e, v, src, name, _day), (count, value) in user.attributed.items():
-            if e == exp_id and v == variant_id and count > 0:
+        for (e, v, p, src, name, _day), (count, value) in user.attributed.items():
+            if e == exp_id and v == variant_id and p == phase and count > 0:
                 _add(x, (src, name), count, value)
     else:
-        first = user.attributed_times.get((exp_id, variant_id, 0, rules.exposure_event))
+        first = user.attributed_times.get((exp_id, variant_id, phase, 0, rules.exposure_event))
         if not first:
             return  # not exposed (yet)
         exposed_at = first[0][0]
-        for (e, v, src, name), times in user.attributed_times.items():
-            if e == exp_id and v == variant_id:
+        for (e, v, p, src, name), times in user.attributed_times.items():
+            if e == exp_id and v == variant_id and p == phase:
                 for _t, value in times[bisect_left(times, (exposed_at, -math.inf)) :]:
                     _add(x, (src, name), 1, value)
-    phase = a.phase
     out[("x", exp_id, phase, variant_id)] = [1]
     out[("xd", exp_id, phase, variant_id, exposed_at // MS_PER_DAY)] = [1]
     # y per source: the lookback days before the exposure day, less what x counts on those days
@@ -309,8 +320,8 @@ def _cumulative(user: UserState, a: Assignment, rules: ExperimentRules, out: dic
             if first_day <= day < last and (src == 0 or src == exp_id):
                 _add(y, (src, name), count, value)
         if rules.exposure_event is None:
-            for (e, v, src, name, day), (count, value) in user.attributed.items():
-                if e == exp_id and v == variant_id and first_day <= day < last:
+            for (e, v, p, src, name, day), (count, value) in user.attributed.items():
+                if e == exp_id and v == variant_id and p == phase and first_day <= day < last:
                     _add(y, (src, name), -count, -value)
     for source in x.keys() | y.keys():
         xc, xv = x.get(source, (0, 0))

@@ -51,7 +51,11 @@ class FirstAssignment:
     at: int  # ms
 
 
-def _load(settings: Settings) -> tuple[dict[str, list[Event]], dict[str, dict[int, FirstAssignment]], dict[int, Any]]:
+Phases = dict[str, dict[int, dict[int, FirstAssignment]]]  # user -> experiment -> phase -> its first assignment
+
+
+def _load(settings: Settings) -> tuple[dict[str, list[Event]], dict[str, dict[int, FirstAssignment]], Phases,
+                                       dict[int, Any]]:  # fmt: skip
     client = ch_client(settings)
     try:
         events: dict[str, list[Event]] = defaultdict(list)
@@ -62,6 +66,7 @@ def _load(settings: Settings) -> tuple[dict[str, list[Event]], dict[str, dict[in
         ).result_rows:
             events[row[0]].append(Event(*row[1:]))
         assigned: dict[str, dict[int, FirstAssignment]] = defaultdict(dict)
+        phases: Phases = defaultdict(lambda: defaultdict(dict))
         for user, exp, variant, phase, at in client.query(
             "SELECT user_id, experiment_id, variant_id, phase, toUnixTimestamp64Milli(assigned_at) "
             "FROM assignments FINAL"
@@ -70,6 +75,10 @@ def _load(settings: Settings) -> tuple[dict[str, list[Event]], dict[str, dict[in
             # the first assignment of the latest phase
             if cur is None or phase > cur.phase or (phase == cur.phase and at < cur.at):
                 assigned[user][exp] = FirstAssignment(exp, variant, phase, at)
+            # and of each phase
+            first = phases[user][exp].get(phase)
+            if first is None or at < first.at:
+                phases[user][exp][phase] = FirstAssignment(exp, variant, phase, at)
         definitions = {
             int(exp_id): orjson.loads(definition)["experiment"]
             for exp_id, definition in client.query(
@@ -78,7 +87,7 @@ def _load(settings: Settings) -> tuple[dict[str, list[Event]], dict[str, dict[in
         }
     finally:
         client.close()
-    return events, assigned, definitions
+    return events, assigned, phases, definitions
 
 
 def _amount(ev: Event, experiment_id: int) -> float | None:
@@ -104,7 +113,7 @@ def _level(times_per_step: list[list[int]], window_ms: int) -> int:
 
 
 def expected_totals(settings: Settings) -> dict[tuple[Any, ...], list[float]]:
-    events, assigned, definitions = _load(settings)
+    events, assigned, phases, definitions = _load(settings)
     funnels = load_manifest(settings.manifest_file).funnels
     out: dict[tuple[Any, ...], list[Any]] = {}
 
@@ -131,16 +140,18 @@ def expected_totals(settings: Settings) -> dict[tuple[Any, ...], list[float]]:
             add(("l", max(ev.day for ev in evs)), [1])
         for exp_id, a in mine.items():
             add(("e", exp_id, a.variant_id, a.at // DAY_MS), [1])
-            attributed = [ev for ev in evs if ev.received >= a.at]
-            # per-day metric rows
-            per_metric_day: dict[tuple[str, int], list[float]] = defaultdict(list)
-            for ev in attributed:
+            attributed = [ev for ev in evs if ev.received >= a.at]  # the latest phase's
+            # per-day metric rows: each event for the variant of the latest phase begun when it was received
+            per_metric_day: dict[tuple[int, str, int], list[float]] = defaultdict(list)
+            for ev in evs:
+                begun = [f for f in phases[user][exp_id].values() if f.at <= ev.received]
                 amount = _amount(ev, exp_id)
-                if amount is not None:
-                    per_metric_day[(ev.name, ev.day)].append(amount)
-            for (name, day), amounts in per_metric_day.items():
+                if begun and amount is not None:
+                    variant = max(begun, key=lambda f: f.phase).variant_id
+                    per_metric_day[(variant, ev.name, ev.day)].append(amount)
+            for (variant, name, day), amounts in per_metric_day.items():
                 x = math.fsum(amounts)
-                add(("m", exp_id, a.variant_id, name, day), [1, len(amounts), 1, x, x * x])
+                add(("m", exp_id, variant, name, day), [1, len(amounts), 1, x, x * x])
             _cumulative(user, a, evs, attributed, definitions.get(exp_id, {}), add)
         for funnel in funnels:
             window = funnel.conversion_window_seconds * 1000

@@ -64,7 +64,7 @@ def test_a_value_beyond_the_gateway_bound_counts_as_an_event_with_no_value() -> 
     user = UserState()
     user.assignments[3] = Assignment(3, "exp_3", 3001, "A", 1, 0, "v")
     for value in (1e308, float("inf"), float("nan"), 2.0):
-        ev = UserEvent("e", "revenue", "metric", 1_000, 1_000, "", "", 3, value, ((3, 3001),))
+        ev = UserEvent("e", "revenue", "metric", 1_000, 1_000, "", "", 3, value, ((3, 3001, 1),))
         user.add_event(ev, funnels)
     (key, stats), *_ = contribution(user, funnels).items()
     assert key == ("m", 3, 3001, "revenue", 0)
@@ -79,7 +79,7 @@ T0 = 20_000 * DAY + 12 * 3_600_000  # noon of day 20000: the exposure
 
 def _event(i: int, name: str, t: int, attributed: bool, kind: str = "event", value: float | None = None) -> UserEvent:
     return UserEvent(f"e{i}", name, kind, t, t, "ios", "1.0", 3 if kind == "metric" else None, value,
-                     ((3, 3001),) if attributed else ())  # fmt: skip
+                     ((3, 3001, 1),) if attributed else ())  # fmt: skip
 
 
 def _user(events: list[UserEvent], assigned_at: int = T0) -> UserState:
@@ -163,7 +163,7 @@ def test_removing_an_event_again_leaves_the_cumulative_contribution_as_before() 
     assert contribution(user, Funnels([]), rules) != before
     user.add_event(extra, Funnels([]), -1)
     assert contribution(user, Funnels([]), rules) == before
-    assert not user.attributed_times.get((3, 3001, 0, "missing"))
+    assert not user.attributed_times.get((3, 3001, 1, 0, "missing"))
 
 
 def test_funnel_per_variant_counts_only_events_attributed_to_it() -> None:
@@ -228,7 +228,7 @@ def test_a_re_enriched_event_moves_the_user_into_the_variants_funnel() -> None:
     assert not [k for k in before if k[:3] == ("f", "f", 3)]
     for ev in events:  # what Pipeline._on_assignment does for each event it re-enriches
         user.add_event(ev, funnels, -1)
-        ev.attribution = ((3, 3001),)
+        ev.attribution = ((3, 3001, 1),)
         user.add_event(ev, funnels, +1)
     after = contribution(user, funnels)
     assert {k[4] for k in after if k[:4] == ("f", "f", 3, 3001)} == {1, 2}

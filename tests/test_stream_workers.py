@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from abstream.clickhouse import client as ch_client
@@ -516,8 +517,7 @@ def test_worker_killed_with_assignments_unwritten_writes_them_after_restart(sett
         wait_for(lambda: assign(users[0]).get(exp_id) == 2, what="the new phase at the gateway")
         for user in users:
             assign(user)
-            # after the new phase: an event received between two phases is counted by the worker for the
-            # variant the user had then, by the oracle only from the latest phase on (docs/stream-workers.md)
+            # after the user's phase-2 assignment (events between the phases: the test of phases below)
             post_events(gw.address, user, ["app_open"])
         time.sleep(4)  # applied, the table's changelog sent; the flush waits for ClickHouse
         sigkill(worker)
@@ -787,3 +787,73 @@ def test_sigterm_writes_what_is_buffered_and_stops_promptly(settings: Settings) 
             await consumer.stop()
 
     assert asyncio.run(lag()) == 0, "the written records are committed"
+
+
+def test_a_new_phase_counts_from_its_own_assignments_whatever_order_the_worker_reads(settings: Settings) -> None:
+    """Each user's events before a new phase stay the old phase's: the new phase's results count only events
+    received from the user's phase-2 assignment on, also for users who draw the same variant again, and an
+    event received between the new phase and the user's phase-2 assignment is attributed to the phase-1
+    variant (per-day rollups, event_logs), whichever of the two topics the worker reads first. The phase-2
+    part is sent while the worker is stopped, so it reads both topics' backlog at once on its start."""
+    migrate(settings, log=False)
+    users = [f"phase-{uuid.uuid4().hex[:8]}" for _ in range(30)]
+    token = settings.admin_token
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    with ExitStack() as stack:
+        gw = stack.enter_context(app_process("gateway", settings, log_dir()))
+        worker = start_worker(settings, "phases")
+        stack.callback(lambda: worker.stop())
+        base = gw.address
+        r = httpx.post(f"{base}/apiv1/ab-tests", headers=headers, timeout=10, json={
+            "test_name": f"phases {uuid.uuid4().hex[:6]}", "metrics": [{"key": "opens", "type": "count",
+                                                                       "event": "app_open"}],
+            "variants": [{"variant_name": "a", "weight": 1}, {"variant_name": "b", "weight": 1}]})  # fmt: skip
+        assert r.status_code == 201, r.text
+        test_id = r.json()["id"]
+
+        def assign(user: str) -> int:
+            r = httpx.post(f"{base}/apiv1/ab-tests/{test_id}/assign", json={"user_id": user}, timeout=10)
+            assert r.status_code == 200 and r.json()["assigned"], r.text
+            return int(r.json()["variant_id"])
+
+        def open_app(user: str) -> str:
+            event_id = str(uuid.uuid4())
+            body = {"event_type": "app_open", "user_id": user, "event_id": event_id}
+            assert httpx.post(f"{base}/apiv1/events", json=body, timeout=10).status_code in (200, 201, 202)
+            return event_id
+
+        phase1 = {u: assign(u) for u in users}
+        for u in users:
+            open_app(u)
+            open_app(u)
+        wait_for(lambda: scalar(settings, "SELECT count() FROM event_logs FINAL") == 60, what="phase-1 events")
+        r = httpx.patch(f"{base}/apiv1/ab-tests/{test_id}", json={"new_phase": True}, headers=headers, timeout=10)
+        assert r.status_code == 200, r.text
+        worker.stop()
+        between = {u: open_app(u) for u in users}  # the new phase has begun, the user is not assigned in it yet
+        phase2 = {u: assign(u) for u in users}
+        after = {u: open_app(u) for u in users[::3]}
+        worker = start_worker(settings, "phases")
+        want = 60 + len(between) + len(after)
+        wait_for(lambda: scalar(settings, "SELECT count() FROM event_logs FINAL") == want, timeout=60,
+                 what="every event in event_logs")  # fmt: skip
+        time.sleep(2)
+        assert sum(phase1[u] == phase2[u] for u in users) > 0, "some users drew the same variant again"
+
+        enriched = {
+            event_id: [(a["variant_id"], a["phase"]) for a in orjson.loads(stored) if a["experiment_id"] == test_id]
+            for event_id, stored in rows(settings, "SELECT event_id, assignments FROM event_logs FINAL")
+        }
+        for u in users:
+            assert enriched[between[u]] == [(phase1[u], 1)], (u, "between the phases", enriched[between[u]])
+            if u in after:
+                assert enriched[after[u]] == [(phase2[u], 2)], (u, "after", enriched[after[u]])
+
+        body = httpx.get(f"{base}/apiv1/ab-tests/{test_id}/results", timeout=10).json()
+        opens = next(m for m in body["metrics"] if m["key"] == "opens")
+        for v in opens["variants"]:
+            in_variant = [u for u in users if phase2[u] == v["variant_id"]]
+            assert v["exposed_users"] == len(in_variant)
+            want_mean = sum(u in after for u in in_variant) / len(in_variant)
+            assert v["mean"] == pytest.approx(want_mean), (v["variant_key"], v["mean"], want_mean)
+        assert_verify_clean(settings)
