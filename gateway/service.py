@@ -54,7 +54,8 @@ async def clock_reaches(moment: datetime) -> None:
     """Return once the wall clock is at ``moment`` or later (an assignment stamp, at most 1 ms ahead; the
     Kafka acknowledgement awaited before usually took longer, so this rarely sleeps)."""
     target_ns = (moment - _EPOCH) // timedelta(microseconds=1) * 1_000
-    while (ahead_ns := target_ns - time.time_ns()) > 0:  # noqa: ASYNC110 - waiting for the clock, not an event
+    deadline = time.monotonic_ns() + 3_000_000  # a wall clock stepped back (NTP, a VM resumed) is not waited out
+    while (ahead_ns := target_ns - time.time_ns()) > 0 and time.monotonic_ns() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(ahead_ns / 1e9)
 
 

@@ -74,7 +74,7 @@ def create_app(settings: Settings) -> WorkerApp:
         web_host="127.0.0.1",
         web_in_thread=False,
     )
-    app.flush_interval_s = settings.worker_flush_interval_s
+    app.flush_interval_s = min(settings.worker_flush_interval_s, 0.25)  # while stopping: no long timer waits
 
     @app.page("/health")
     async def health(web: object, request: object) -> Response:

@@ -95,7 +95,7 @@ class PartitionState:
     # (user, experiment) -> the assignment whose row the assignments table holds or is about to: decides which
     # records write a row. The users' own state can know more (the Faust table's changelog runs ahead of the
     # flushes), and a record replayed after a crash must still write its row.
-    written: dict[tuple[str, int], Assignment] = field(default_factory=dict)
+    written: dict[tuple[str, int, int], Assignment] = field(default_factory=dict)
 
     def user(self, user_id: str) -> UserState:
         u = self.users.get(user_id)
@@ -246,9 +246,11 @@ class Pipeline:
 
     @staticmethod
     def _keep_written(part: PartitionState, user_id: str, a: Assignment) -> bool:
-        """The same rule against the assignments table's rows: True when ``a`` needs a row."""
-        key = (user_id, a.experiment_id)
-        if not supersedes(a, part.written.get(key)):
+        """The table's rule (one row per user, experiment and phase: the earliest): True when ``a`` needs a row.
+        A phase-1 assignment read after the phase-2 one (two gateways, a retried publish) still gets its row."""
+        key = (user_id, a.experiment_id, a.phase)
+        cur = part.written.get(key)
+        if cur is not None and cur.assigned_at_ms <= a.assigned_at_ms:
             return False
         part.written[key] = a
         return True
@@ -388,19 +390,21 @@ class Pipeline:
             log.error("assignments partition %d offset %d: unreadable record skipped: %s", part.partition, offset, exc)
             return
         user = part.user(user_id)
+        known = user.phases.get(a.experiment_id, {}).get(a.phase)
+        phase_first = known is None or a.assigned_at_ms < known.assigned_at_ms  # attribution may change
         first = self._keep_first(user, a)
-        if not self._keep_written(part, user_id, a):
-            return  # its row is written (or pending), or a later assignment of a user who has one
-        part.assignment_rows.append([
-            user_id, a.experiment_id, a.experiment_key, a.variant_id, a.variant_key, a.phase, a.assignment_version,
-            a.assigned_at_ms / 1000, rec.get("platform") or "", rec.get("app_version") or "",
-            rec.get("surface") or "", part.partition, offset,
-        ])  # fmt: skip
-        if not first:
-            return  # the state knew it already (from the Faust table): only its row was missing
-        stored = dict(self.table[user_id])
-        stored[str(a.experiment_id)] = a.as_json() | {"assignment_version": a.assignment_version}
-        self.table[user_id] = stored
+        if self._keep_written(part, user_id, a):  # else its row is written (or pending)
+            part.assignment_rows.append([
+                user_id, a.experiment_id, a.experiment_key, a.variant_id, a.variant_key, a.phase,
+                a.assignment_version, a.assigned_at_ms / 1000, rec.get("platform") or "",
+                rec.get("app_version") or "", rec.get("surface") or "", part.partition, offset,
+            ])  # fmt: skip
+        if first:
+            stored = dict(self.table[user_id])
+            stored[str(a.experiment_id)] = a.as_json() | {"assignment_version": a.assignment_version}
+            self.table[user_id] = stored
+        if not phase_first:
+            return  # the state knew it already (from the Faust table or ClickHouse): at most its row was missing
         # re-enrich recent events received at or after this assignment (they arrived before it did)
         horizon = int(time.time() * 1000) - self.lookback_ms
         recent = part.recent.get(user_id, ())
