@@ -302,6 +302,11 @@ def epoch_ms(moment: datetime) -> int:
     return (moment - _EPOCH) // timedelta(milliseconds=1)
 
 
+def from_epoch_ms(ms: int) -> datetime:
+    """The aware UTC datetime of whole epoch milliseconds (exact: no float)."""
+    return _EPOCH + timedelta(milliseconds=ms)
+
+
 def record_for(
     experiment: Experiment,
     variant: Variant,

@@ -12,7 +12,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from abstream.config import TOPIC_ASSIGNMENTS, TOPIC_EVENTS, TOPIC_REJECTED, Settings
-from gateway.assignment import ab_assign_response, assign, decide, record_for
+from gateway.assignment import ab_assign_response, assign, decide, epoch_ms, from_epoch_ms, record_for
 from gateway.dedup import DedupCache
 from gateway.ingest import IngestResult
 from gateway.publisher import KafkaUnavailable, Message, Publisher
@@ -47,13 +47,10 @@ once, per process; beyond, their dead letters are dropped (and counted) so that 
 is slow cannot pile up tasks without bound."""
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
 async def clock_reaches(moment: datetime) -> None:
     """Return once the wall clock is at ``moment`` or later (an assignment stamp, at most 1 ms ahead; the
     Kafka acknowledgement awaited before usually took longer, so this rarely sleeps)."""
-    target_ns = (moment - _EPOCH) // timedelta(microseconds=1) * 1_000
+    target_ns = epoch_ms(moment) * 1_000_000
     deadline = time.monotonic_ns() + 3_000_000  # a wall clock stepped back (NTP, a VM resumed) is not waited out
     while (ahead_ns := target_ns - time.time_ns()) > 0 and time.monotonic_ns() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(ahead_ns / 1e9)
@@ -142,7 +139,7 @@ class GatewayCore:
         assignment would claim the event. One millisecond later, it is after every event already received on
         this host; and since the answer waits for the clock to reach it (:func:`clock_reaches`), every event sent
         after the answer is stamped at or after it."""
-        return _EPOCH + timedelta(milliseconds=time.time_ns() // 1_000_000 + 1)
+        return from_epoch_ms(time.time_ns() // 1_000_000 + 1)
 
     # ---- events ---------------------------------------------------------------------------------
 

@@ -232,17 +232,18 @@ class Pipeline:
                 self._keep_first(part.user(user_id), Assignment(**data))
 
     @staticmethod
-    def _keep_first(user: UserState, a: Assignment) -> bool:
+    def _keep_first(user: UserState, a: Assignment) -> tuple[bool, bool]:
         """Keep the user's first assignment of each phase (events are attributed by phase) and of the latest
-        phase (what results count); True when the latter is new."""
+        phase (what results count); whether each is new: (first of its phase, first of the latest phase)."""
         by_phase = user.phases.setdefault(a.experiment_id, {})
         cur = by_phase.get(a.phase)
-        if cur is None or a.assigned_at_ms < cur.assigned_at_ms:
+        phase_first = cur is None or a.assigned_at_ms < cur.assigned_at_ms
+        if phase_first:
             by_phase[a.phase] = a
         if not supersedes(a, user.assignments.get(a.experiment_id)):
-            return False
+            return phase_first, False
         user.assignments[a.experiment_id] = a
-        return True
+        return phase_first, True
 
     @staticmethod
     def _keep_written(part: PartitionState, user_id: str, a: Assignment) -> bool:
@@ -316,7 +317,7 @@ class Pipeline:
         user = part.user(user_id)
         attrib = user.attribution_for(received)
         enrichment = enrichment_columns(attrib)
-        attribution = tuple((a.experiment_id, a.variant_id, a.phase) for a in attrib)
+        attribution = attribution_of(attrib)
         recent = part.recent.get(user_id)
         if recent is None:
             recent = part.recent[user_id] = deque(maxlen=RECENT_PER_USER)
@@ -390,9 +391,7 @@ class Pipeline:
             log.error("assignments partition %d offset %d: unreadable record skipped: %s", part.partition, offset, exc)
             return
         user = part.user(user_id)
-        known = user.phases.get(a.experiment_id, {}).get(a.phase)
-        phase_first = known is None or a.assigned_at_ms < known.assigned_at_ms  # attribution may change
-        first = self._keep_first(user, a)
+        phase_first, first = self._keep_first(user, a)  # a new first of its phase: attribution may change
         if self._keep_written(part, user_id, a):  # else its row is written (or pending)
             part.assignment_rows.append([
                 user_id, a.experiment_id, a.experiment_key, a.variant_id, a.variant_key, a.phase,
@@ -412,7 +411,7 @@ class Pipeline:
             if ev.received_at_ms < a.assigned_at_ms or ev.received_at_ms < horizon:
                 continue
             attrib = user.attribution_for(ev.received_at_ms)
-            attribution = tuple((x.experiment_id, x.variant_id, x.phase) for x in attrib)
+            attribution = attribution_of(attrib)
             if attribution == ev.attribution:
                 continue
             user.add_event(ev, self.funnels, -1)
@@ -585,6 +584,11 @@ def rollup_row(key: Key, stats: Stats, partition: int, version: int, funnels: Fu
 def supersedes(a: Assignment, cur: Assignment | None) -> bool:
     """``a`` is of a later phase than ``cur``, or of its phase and earlier: the assignment to keep."""
     return cur is None or (a.phase, -a.assigned_at_ms) > (cur.phase, -cur.assigned_at_ms)
+
+
+def attribution_of(attrib: tuple[Assignment, ...]) -> tuple[tuple[int, int, int], ...]:
+    """What the rollups keep of an event's enrichment: (experiment_id, variant_id, phase) of each assignment."""
+    return tuple((a.experiment_id, a.variant_id, a.phase) for a in attrib)
 
 
 def enrichment_columns(attrib: tuple[Assignment, ...]) -> list[Any]:
