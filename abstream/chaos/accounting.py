@@ -28,7 +28,8 @@ class Window:
     stored: int = 0
     missing: int = 0
     twice: int = 0
-    recovered_in_s: float | None = None
+    recovered_in_s: float | None = None  # the component healthy again, from the fault's start
+    acked_again_in_s: float | None = None  # the load acknowledged again, from the fault's start
     acked_while_away: int | None = None  # broker outage: acknowledgements while the broker was unreachable
     failed_while_away: int | None = None  # ... and requests answered 503 or refused meanwhile
     note: str = ""
@@ -58,6 +59,7 @@ def windows(faults: list[Fault], ledger: Ledger, stored: dict[tuple[str, str], i
         w.twice += n > 1
     for w, f in zip(out[1:], done, strict=True):
         w.recovered_in_s = f.recovered - f.started
+        w.acked_again_in_s = f.acked_again - f.started if f.acked_again else None
         if f.kind == "broker_cut":
             away_from, away_to = f.started + ACK_GRACE_S, f.restored
             w.acked_while_away = sum(1 for t in ledger.acked.values() if away_from <= t <= away_to)

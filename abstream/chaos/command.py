@@ -1,8 +1,8 @@
 """`abstream chaos`: arguments, the run (load on the main thread, faults on another), the tables, exit status.
 
 Exit status: 0 when every acknowledged event is in ``event_logs FINAL`` exactly once, the gateway acknowledged
-nothing while the broker was away, ``verify`` is clean and the loadgen truth check is equal; 1 otherwise;
-2 when the run could not be made.
+nothing while the broker was away and acknowledged the load again after every fault, ``verify`` is clean and
+the loadgen truth check is equal; 1 otherwise; 2 when the run could not be made.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ async def _load(scenario: object, url: str, token: str, executor: object) -> obj
 
     watcher = asyncio.get_running_loop().create_task(watch())
     try:
-        return await simulate(scenario, url, admin_token=token, stop=stop, retry_for_s=600.0)
+        return await simulate(scenario, url, admin_token=token, stop=stop, retry_for_s=600.0, on_ack=executor.note_ack)
     finally:
         executor.cancelled.set()
         watcher.cancel()
@@ -155,8 +155,9 @@ def _account(args: argparse.Namespace, stack: object, faults: list[Fault], run: 
         "windows": [w.__dict__ for w in wins],
     }  # fmt: skip
     broker = [w for w in wins if w.acked_while_away is not None]
+    resumed = all(w.acked_again_in_s is not None for w in wins[1:])  # the load was acknowledged after every fault
     ok = (figures["missing"] == 0 and figures["twice"] == 0 and not diffs and report.counts_equal and not dead
-          and all(w.acked_while_away == 0 for w in broker))  # fmt: skip
+          and all(w.acked_while_away == 0 for w in broker) and resumed)  # fmt: skip
     if args.json:
         import orjson
 
@@ -174,7 +175,16 @@ def fault_table(wins: list[object]) -> Table:
     from abstream.chaos.accounting import Window
 
     t = Table(title="per fault: events acknowledged in its window, and where they are now", title_justify="left")
-    for col in ("fault", "back in", "acknowledged", "in event_logs FINAL", "missing", "counted twice", "while away"):
+    for col in (
+        "fault",
+        "back in",
+        "acks again",
+        "acknowledged",
+        "in event_logs FINAL",
+        "missing",
+        "counted twice",
+        "while away",
+    ):
         t.add_column(col, justify="left" if col in ("fault", "while away") else "right")
     for w in wins:
         assert isinstance(w, Window)  # noqa: S101
@@ -182,7 +192,10 @@ def fault_table(wins: list[object]) -> Table:
         if w.acked_while_away is not None:
             away = f"{w.acked_while_away} acknowledged, {w.failed_while_away} answered 503/refused; {w.note}"
         back = "" if w.recovered_in_s is None else f"{w.recovered_in_s:.1f} s"
-        t.add_row(w.label, back, f"{w.acknowledged:,}", f"{w.stored:,}", _zero(w.missing), _zero(w.twice), away)
+        again = "" if w.acked_again_in_s is None else f"{w.acked_again_in_s:.1f} s"
+        if w.recovered_in_s is not None and w.acked_again_in_s is None:
+            again = Text("not within 120 s", style="bold red")
+        t.add_row(w.label, back, again, f"{w.acknowledged:,}", f"{w.stored:,}", _zero(w.missing), _zero(w.twice), away)
     return t
 
 

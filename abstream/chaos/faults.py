@@ -1,7 +1,9 @@
 """The fault schedule of a chaos run (seeded) and its executor.
 
 Faults run one after another, each after a random pause, so every acknowledged event can be charged to the
-fault whose window it was acknowledged in. A fault's window runs from its start to the next fault's start.
+fault whose window it was acknowledged in. A fault's window runs from its start to the next fault's start, and
+the pause before the next fault begins only once the gateway acknowledged an event again after the component
+came back: every window holds load after its fault, however long the clients' retry backoff made them wait.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from abstream.chaos.stack import ChaosStack
+
+ACK_WAIT_S = 120.0
+"""How long the next fault waits, at most, for the load to be acknowledged again (clients back off up to 5 s)."""
 
 Kind = Literal["worker_kill", "clickhouse_stop", "broker_cut", "gateway_kill"]
 
@@ -28,12 +33,13 @@ LABELS: dict[Kind, str] = {
 @dataclass
 class Fault:
     kind: Kind
-    pause_s: float  # wait before it, from the previous fault's recovery
+    pause_s: float  # wait before it, from the load's first acknowledgement after the previous fault
     hold_s: float  # how long the component stays away (kills: before the restart begins)
     target: str = ""
     started: float = 0.0  # epoch seconds
     restored: float = 0.0  # the component was given back (restart begun, proxy listening again)
     recovered: float = 0.0  # ... and healthy again
+    acked_again: float = 0.0  # the first acknowledgement after it was given back (0: none within the wait)
 
     @property
     def label(self) -> str:
@@ -80,6 +86,11 @@ class Executor(threading.Thread):
         self.done = threading.Event()
         self.release = threading.Event()
         self.error: BaseException | None = None
+        self.last_ack = 0.0  # epoch seconds of the load's latest acknowledgement (set from the load's thread)
+
+    def note_ack(self, _user_id: str, _event_id: str, at: float) -> None:
+        """The load's ``on_ack`` hook."""
+        self.last_ack = max(self.last_ack, at)
 
     def _sleep(self, seconds: float) -> None:
         self.cancelled.wait(seconds)
@@ -101,9 +112,17 @@ class Executor(threading.Thread):
                 fault.started = time.time()
                 self._inflict(fault)
                 fault.recovered = time.time()
+                fault.acked_again = self._first_ack_after(fault.restored or fault.started)
                 self.on_fault(fault, "end")
         except BaseException as exc:  # noqa: BLE001 - reported by the command, which stops the run
             self.error = exc
+
+    def _first_ack_after(self, moment: float, wait_s: float = ACK_WAIT_S) -> float:
+        """Wait until the load is acknowledged again after ``moment``; its time, or 0 if not within ``wait_s``."""
+        give_up = time.monotonic() + wait_s
+        while self.last_ack <= moment and time.monotonic() < give_up and not self.cancelled.is_set():
+            self._sleep(0.05)
+        return self.last_ack if self.last_ack > moment else 0.0
 
     def _inflict(self, fault: Fault) -> None:
         s = self.stack
