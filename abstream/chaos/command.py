@@ -173,6 +173,7 @@ def _account(args: argparse.Namespace, stack: object, faults: list[Fault], run: 
 
 def fault_table(wins: list[object]) -> Table:
     from abstream.chaos.accounting import Window
+    from abstream.chaos.faults import ACK_WAIT_S
 
     t = Table(title="per fault: events acknowledged in its window, and where they are now", title_justify="left")
     for col in (
@@ -194,7 +195,7 @@ def fault_table(wins: list[object]) -> Table:
         back = "" if w.recovered_in_s is None else f"{w.recovered_in_s:.1f} s"
         again = "" if w.acked_again_in_s is None else f"{w.acked_again_in_s:.1f} s"
         if w.recovered_in_s is not None and w.acked_again_in_s is None:
-            again = Text("not within 120 s", style="bold red")
+            again = Text(f"not within {ACK_WAIT_S:.0f} s", style="bold red")
         t.add_row(w.label, back, again, f"{w.acknowledged:,}", f"{w.stored:,}", _zero(w.missing), _zero(w.twice), away)
     return t
 
